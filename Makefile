@@ -1,0 +1,42 @@
+# Two commands on a fresh machine with Python 3.11 and pip:
+#   make demo   CPU demo of the whole pipeline: data, BF16 / FP8 / FP8+TWEO training, table, sample
+#   make test   the test suite
+# Everything is installed into .venv; rerunning skips what is already done.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO_ITERS ?= 200
+
+.PHONY: install install-dev demo test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: requirements.txt | $(BIN)/python
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -r requirements.txt
+	touch $@
+
+$(VENV)/.installed-dev: requirements-dev.txt $(VENV)/.installed
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	touch $@
+
+.cache/gpt2.tiktoken: | $(VENV)/.installed
+	$(BIN)/python prepare_openwebtext.py --fetch_tokenizer
+
+install: $(VENV)/.installed .cache/gpt2.tiktoken
+
+install-dev: $(VENV)/.installed-dev .cache/gpt2.tiktoken
+
+data/demo/meta.json: | install
+	$(BIN)/python prepare_openwebtext.py --demo
+
+demo: install data/demo/meta.json
+	$(BIN)/python bench/demo.py --max_iters=$(DEMO_ITERS)
+
+test: install-dev
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) .cache out/demo_*

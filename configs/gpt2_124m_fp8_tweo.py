@@ -1,0 +1,6 @@
+# GPT-2 124M, FP8 + TWEO. Run: torchrun --nproc_per_node=8 train.py configs/gpt2_124m_fp8_tweo.py
+from configs.sizes.gpt2_124m import *
+from configs.modes.fp8_tweo import *
+
+out_dir = 'out/gpt2_124m_fp8_tweo'
+wandb_run_name = 'gpt2_124m_fp8_tweo'

@@ -1,0 +1,6 @@
+# GPT-2 7B (6.7B), BF16 baseline. Run: torchrun --nproc_per_node=8 train.py configs/gpt2_7b_bf16.py
+from configs.sizes.gpt2_7b import *
+from configs.modes.bf16 import *
+
+out_dir = 'out/gpt2_7b_bf16'
+wandb_run_name = 'gpt2_7b_bf16'

@@ -1,0 +1,3 @@
+# BF16 + TWEO
+precision = 'bf16'
+tweo_lambda = 0.01

@@ -1,0 +1,9 @@
+# GPT-2 124M: Table 5 of the TWEO supplementary (12 layers, d_model 768, 12 heads of 64).
+n_layer = 12
+n_embd = 768
+n_head = 12
+total_batch_tokens = 524288  # 0.5M tokens per optimizer step
+micro_batch_size = 16  # per GPU; lower it if you run out of memory, accumulation grows to match
+learning_rate = 0.0006
+min_lr = 6.0e-05  # cosine decay to 10% of the peak
+activation_checkpointing = False

@@ -1,0 +1,87 @@
+"""
+nanoGPT-style configuration: config files are exec'd in order, then --key=value overrides
+are applied. Every key must already exist in `defaults` (train.py's globals, say) and keep
+its type; anything else is a ConfigError naming the closest valid key.
+
+    python train.py configs/gpt2_xl_fp8_tweo.py --learning_rate=3e-4 --wandb_log=True
+
+A config file is plain Python: assignments, and `from configs.sizes.xl import *` to share
+settings. Names starting with an underscore and imported modules are ignored.
+"""
+import ast
+import difflib
+import os
+import sys
+import types
+
+REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+class ConfigError(Exception):
+    pass
+
+
+def _closest(key, known):
+    match = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _checked(key, value, defaults, where):
+    if key not in defaults:
+        raise ConfigError(f"unknown config key '{key}' in {where}{_closest(key, list(defaults))}")
+    default = defaults[key]
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool) != isinstance(value, bool):
+        raise ConfigError(f"{where}: '{key}' must be {type(default).__name__}, got {value!r}")
+    if isinstance(default, float) and isinstance(value, int):
+        return float(value)
+    if not isinstance(value, type(default)):
+        raise ConfigError(f"{where}: '{key}' must be {type(default).__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def configure(defaults, argv):
+    """Returns a new dict: defaults updated by the config files and --key=value items in argv."""
+    config = dict(defaults)
+    for arg in argv:
+        if not arg.startswith("--"):
+            if not os.path.isfile(arg):
+                raise ConfigError(f"config file '{arg}' not found")
+            namespace = {}
+            sys.path.insert(0, REPO_ROOT)  # so that configs can import configs.sizes.*
+            try:
+                with open(arg) as f:
+                    exec(compile(f.read(), arg, "exec"), namespace)
+            except Exception as e:
+                raise ConfigError(f"config file '{arg}' failed: {type(e).__name__}: {e}") from e
+            finally:
+                sys.path.remove(REPO_ROOT)
+            for key, value in namespace.items():
+                if key.startswith("_") or isinstance(value, types.ModuleType):
+                    continue
+                config[key] = _checked(key, value, defaults, arg)
+        else:
+            key, sep, text = arg[2:].partition("=")
+            if not sep:
+                raise ConfigError(f"'{arg}': overrides are written --key=value")
+            if key not in defaults:
+                raise ConfigError(f"unknown config key '{key}' in '{arg}'{_closest(key, list(defaults))}")
+            if isinstance(defaults[key], str):
+                value = text  # strings need no quotes on the command line
+            else:
+                try:
+                    value = ast.literal_eval(text)
+                except (SyntaxError, ValueError):
+                    raise ConfigError(f"'{arg}': cannot read {text!r} as a {type(defaults[key]).__name__}") from None
+            config[key] = _checked(key, value, defaults, f"'{arg}'")
+    return config
+
+
+def configure_or_exit(defaults, argv):
+    """configure(), turning a ConfigError into one line on stderr and exit status 2."""
+    try:
+        return configure(defaults, argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,249 @@
+"""
+GPT-2 with the TWEO penalty, in one file.
+
+Read top to bottom:
+  1. GPTConfig
+  2. TWEOPenalty: L_TWEO for one block, mean((|A| / (tau + eps))^p), with a hand-written
+     backward so that it keeps no activation memory of its own
+  3. the GPT-2 blocks; every Linear (and the LayerNorm in front of it) comes from a
+     precision backend (precision.py), so the same model runs in bf16, emulated FP8 or TE FP8
+  4. GPT: forward returns logits, task loss, TWEO term and each block's max |output|
+  5. activation statistics used by train.py (act_stats) and bench/eval.py
+
+Paper: "TWEO: Transformers Without Extreme Outliers", Sec. 3.3 (the loss) and 4.3 (FP8).
+Importing this file never imports transformer_engine or deepspeed.
+"""
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from precision import BF16Backend
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304  # GPT-2's 50257 padded up for FP8 GEMM shapes (multiple of 16)
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True        # biases in the Linears (LayerNorms always have one, as in TE)
+    tweo_tau: float = 3.0
+    tweo_p: float = 4.0
+    tweo_eps: float = 1e-6
+    activation_checkpointing: bool = False
+
+
+class TWEOPenalty(torch.autograd.Function):
+    """mean((|A| / (tau + eps))^p) over every element of A, in fp32 (fp64 for fp64 input).
+
+    Autograd on the naive formula would keep |A|/(tau+eps) and its powers alive for
+    backward: several copies of every block's output. This keeps only A itself, which the
+    next block's LayerNorm saves anyway, and writes the gradient
+        p * |A|^(p-1) * sign(A) / ((tau + eps)^p * numel)
+    by hand. The forward uses a norm kernel, so it makes no full-size temporary either."""
+
+    @staticmethod
+    def forward(ctx, a, tau, p, eps):
+        dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+        norm = torch.linalg.vector_norm(a, ord=p, dtype=dtype)
+        ctx.save_for_backward(a)
+        ctx.tau, ctx.p, ctx.eps, ctx.dtype = tau, p, eps, dtype
+        return (norm / (tau + eps)) ** p / a.numel()
+
+    @staticmethod
+    def backward(ctx, grad_value):
+        (a,) = ctx.saved_tensors
+        p = ctx.p
+        coef = grad_value.to(ctx.dtype) * p / ((ctx.tau + ctx.eps) ** p * a.numel())
+        grad = a.to(ctx.dtype).abs() if a.dtype != ctx.dtype else a.abs()
+        grad.pow_(p - 1).copysign_(a).mul_(coef)
+        if p <= 1:
+            grad.masked_fill_(a == 0, 0.0)  # the subgradient of |a|^p at 0
+        return grad.to(a.dtype), None, None, None
+
+
+def tweo_penalty(a, tau=3.0, p=4.0, eps=1e-6):
+    return TWEOPenalty.apply(a, tau, p, eps)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, backend):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        proj_std = 0.02 / math.sqrt(2 * config.n_layer)  # GPT-2: residual projections scaled
+        self.c_attn = backend.LayerNormLinear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # ln_1 + QKV
+        self.c_proj = backend.Linear(config.n_embd, config.n_embd, bias=config.bias, init_std=proj_std)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config, backend):
+        super().__init__()
+        proj_std = 0.02 / math.sqrt(2 * config.n_layer)
+        self.c_fc = backend.LayerNormLinear(config.n_embd, 4 * config.n_embd, bias=config.bias)  # ln_2 + fc
+        self.c_proj = backend.Linear(4 * config.n_embd, config.n_embd, bias=config.bias, init_std=proj_std)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LN block. Its output, after the MLP residual add, is the A^(l) that TWEO penalises."""
+
+    def __init__(self, config, backend):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, backend)
+        self.mlp = MLP(config, backend)
+
+    def forward(self, x):
+        x = x + self.attn(x)
+        x = x + self.mlp(x)
+        return x
+
+
+class GPTOutput(NamedTuple):
+    logits: torch.Tensor
+    loss: Optional[torch.Tensor]   # task loss (cross-entropy), None without targets
+    tweo_loss: torch.Tensor        # L_TWEO, zero (and not computed) unless with_tweo
+    act_max: torch.Tensor          # [n_layer] max |block output|, detached, for telemetry
+
+
+class GPT(nn.Module):
+    def __init__(self, config, backend=None):
+        super().__init__()
+        self.config = config
+        self.backend = backend or BF16Backend()
+        C, V = config.n_embd, config.vocab_size
+        self.transformer = nn.ModuleDict(dict(
+            # initialised through _weight so that the init happens inside the module's own
+            # __init__ (DeepSpeed zero.Init partitions parameters right after it)
+            wte=nn.Embedding(V, C, _weight=torch.empty(V, C).normal_(0.0, 0.02)),
+            wpe=nn.Embedding(config.block_size, C, _weight=torch.empty(config.block_size, C).normal_(0.0, 0.02)),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, self.backend) for _ in range(config.n_layer)]),
+        ))
+        # final LayerNorm + LM head in one layer, so both run under FP8 as in the paper
+        self.lm_head = self.backend.LayerNormLinear(C, V, bias=False)
+        # tied by assignment, which also holds under ZeRO-3
+        self.lm_head.weight = self.transformer.wte.weight
+
+    def forward(self, idx, targets=None, with_tweo=False):
+        cfg = self.config
+        B, T = idx.size()
+        assert T <= cfg.block_size, f"sequence of length {T} > block_size {cfg.block_size}"
+        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+
+        tweo = torch.zeros((), device=idx.device)
+        act_max = []
+        for block in self.transformer.h:
+            if cfg.activation_checkpointing and self.training:
+                x = self.backend.checkpoint(block, x)
+            else:
+                x = block(x)
+            if with_tweo:
+                tweo = tweo + tweo_penalty(x, cfg.tweo_tau, cfg.tweo_p, cfg.tweo_eps)
+            act_max.append(torch.linalg.vector_norm(x.detach(), float("inf")))  # max |A|, no temporary
+        if with_tweo:
+            tweo = tweo / cfg.n_layer
+
+        if targets is not None:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        else:
+            logits = self.lm_head(x[:, [-1], :])  # generation only needs the last position
+            loss = None
+        return GPTOutput(logits, loss, tweo, torch.stack(act_max).float())
+
+    def get_num_params(self, non_embedding=True):
+        """Parameter count; the tied wte/lm_head counted once. non_embedding drops wpe (nanoGPT)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self):
+        """Training FLOPs per token: 6N + 12 L H Q T (PaLM appendix B, as nanoGPT)."""
+        cfg = self.config
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        return 6 * self.get_num_params() + 12 * L * H * Q * T
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, vocab_limit=None, generator=None):
+        """Sample max_new_tokens tokens after idx (B, T). vocab_limit keeps the padded
+        vocabulary entries (>= the tokenizer's size) from ever being sampled."""
+        for _ in range(max_new_tokens):
+            idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
+            logits = self(idx_cond).logits[:, -1, :].float()
+            if vocab_limit is not None:
+                logits = logits[:, :vocab_limit]
+            logits = logits / max(temperature, 1e-8)
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            probs = F.softmax(logits, dim=-1)
+            idx_next = torch.multinomial(probs, num_samples=1, generator=generator)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
+
+
+# ----------------------------------------------------------------------------------------
+# Activation statistics: the paper's Figure 5 (top-1/2/3 and median of |block output|)
+# and the outlier table of bench/eval.py.
+
+def _median(v):
+    """Median of a 1-D tensor, averaging the two middle values for even sizes (numpy's)."""
+    n = v.numel()
+    lo = torch.kthvalue(v, (n + 1) // 2).values
+    hi = torch.kthvalue(v, n // 2 + 1).values
+    return (lo + hi) / 2
+
+
+@torch.no_grad()
+def outlier_stats(t):
+    """Outlier statistics of one activation tensor. Kurtosis is the raw mu4 / sigma^4 of
+    the values (3 for a Gaussian); the others are of |values|."""
+    x = t.detach().double().flatten()
+    a = x.abs()
+    top = torch.topk(a, min(3, a.numel())).values.tolist() + [0.0, 0.0]
+    centred = x - x.mean()
+    var = centred.pow(2).mean()
+    kurt = (centred.pow(4).mean() / var.pow(2)).item() if var > 0 else float("nan")
+    return {"top1": top[0], "top2": top[1], "top3": top[2], "median": _median(a).item(),
+            "max": top[0], "mean_abs": a.mean().item(), "kurtosis": kurt, "inf_norm": top[0]}
+
+
+@contextlib.contextmanager
+def record_activations(model, ffn=False):
+    """Collect outlier_stats of every block output (and, with ffn=True, every MLP output
+    before its residual add) while the context is open. Yields a dict
+    {"block": [[stats per call] per layer], "ffn": [...]}."""
+    blocks = model.transformer.h
+    records = {"block": [[] for _ in blocks], "ffn": [[] for _ in blocks] if ffn else []}
+    hooks = []
+    for i, block in enumerate(blocks):
+        hooks.append(block.register_forward_hook(lambda m, inp, out, i=i: records["block"][i].append(outlier_stats(out))))
+        if ffn:
+            hooks.append(block.mlp.register_forward_hook(lambda m, inp, out, i=i: records["ffn"][i].append(outlier_stats(out))))
+    try:
+        yield records
+    finally:
+        for h in hooks:
+            h.remove()

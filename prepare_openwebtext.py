@@ -1,0 +1,299 @@
+"""
+Tokenize a corpus with the GPT-2 BPE into uint16 memmaps for train.py:
+    out_dir/train.bin, out_dir/val.bin   token ids, an EOT (50256) after every document
+    out_dir/meta.json                    tokenizer, vocab size, counts, source, sha256 of each .bin
+
+    python prepare_openwebtext.py                          # OpenWebText from the HF hub (~9.0B train tokens)
+    python prepare_openwebtext.py --input a.jsonl dir/ …   # local .txt / .jsonl / .parquet files or folders
+    python prepare_openwebtext.py --demo                   # small real-text corpus, no network at all
+    python prepare_openwebtext.py --fetch_tokenizer        # GPT-2 ranks from PyPI, for offline machines
+
+The GPT-2 tokenizer here (gpt2_tokenizer) is the one train.py, sample.py and bench/eval.py use.
+"""
+import argparse
+import functools
+import glob
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+
+import numpy as np
+
+REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
+EOT = 50256
+GPT2_VOCAB_SIZE = 50257
+# tiktoken's r50k_base file holds exactly the GPT-2 ranks; openai-whisper's source
+# distribution on PyPI ships a byte-identical copy (whisper/assets/gpt2.tiktoken).
+GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+GPT2_RANKS_FILE = os.environ.get("TWEO_GPT2_RANKS", os.path.join(REPO_ROOT, ".cache", "gpt2.tiktoken"))
+WHISPER_SDIST = "openai-whisper==20250625"
+OWT_HUB_ID = "Skylion007/openwebtext"
+OWT_PARQUET = "hf://datasets/Skylion007/openwebtext@refs%2Fconvert%2Fparquet/plain_text/*/*.parquet"
+LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+# ----------------------------------------------------------------------------------------
+# The GPT-2 tokenizer
+
+@functools.lru_cache(maxsize=1)
+def gpt2_tokenizer():
+    """tiktoken's GPT-2 encoding. The local copy of the ranks (--fetch_tokenizer) is used
+    first so that nothing touches the network; tiktoken verifies its sha256. Without it,
+    tiktoken.get_encoding('gpt2') downloads. There is no fallback to any other tokenizer."""
+    import tiktoken
+    import tiktoken.load
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    if os.path.exists(GPT2_RANKS_FILE):
+        ranks = tiktoken.load.load_tiktoken_bpe(GPT2_RANKS_FILE, expected_hash=GPT2_RANKS_SHA256)
+        return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                                 special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=GPT2_VOCAB_SIZE)
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:
+        raise RuntimeError(
+            f"the GPT-2 tokenizer is not available: no local ranks at {GPT2_RANKS_FILE} and tiktoken "
+            f"could not download them ({type(e).__name__}). Run `python prepare_openwebtext.py "
+            f"--fetch_tokenizer` once (it takes them from PyPI), or set TWEO_GPT2_RANKS=/path/to/gpt2.tiktoken"
+        ) from None
+
+
+def fetch_tokenizer():
+    """Put the GPT-2 ranks at GPT2_RANKS_FILE, taken from openai-whisper's sdist on PyPI."""
+    if os.path.exists(GPT2_RANKS_FILE) and _sha256_file(GPT2_RANKS_FILE) == GPT2_RANKS_SHA256:
+        print(f"GPT-2 ranks already at {GPT2_RANKS_FILE}")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:", WHISPER_SDIST, "-d", tmp]
+        print("fetching the GPT-2 ranks:", " ".join(cmd[2:]))
+        if subprocess.run(cmd).returncode != 0:
+            fail(f"could not download {WHISPER_SDIST} from the package index (see pip's message above)")
+        (tarball,) = glob.glob(os.path.join(tmp, "*.tar.gz"))
+        with tarfile.open(tarball) as tf:
+            member = next(m for m in tf.getmembers() if m.name.endswith("whisper/assets/gpt2.tiktoken"))
+            data = tf.extractfile(member).read()
+    if hashlib.sha256(data).hexdigest() != GPT2_RANKS_SHA256:
+        fail(f"the gpt2.tiktoken in {WHISPER_SDIST} does not have the expected sha256 {GPT2_RANKS_SHA256}")
+    os.makedirs(os.path.dirname(GPT2_RANKS_FILE), exist_ok=True)
+    with open(GPT2_RANKS_FILE + ".tmp", "wb") as f:
+        f.write(data)
+    os.replace(GPT2_RANKS_FILE + ".tmp", GPT2_RANKS_FILE)
+    print(f"GPT-2 ranks (sha256 {GPT2_RANKS_SHA256[:8]}…) written to {GPT2_RANKS_FILE}")
+
+
+# ----------------------------------------------------------------------------------------
+# Sources: each returns (datasets.Dataset with a "text" column, source description)
+
+def demo_documents():
+    """Python's own help topics (pydoc_data.topics): ~80 documents of real English prose
+    about the language, present in every CPython install."""
+    from pydoc_data.topics import topics
+    return [topics[k].strip() for k in sorted(topics) if topics[k].strip()]
+
+
+def load_demo():
+    import datasets
+    return datasets.Dataset.from_dict({"text": demo_documents()}), "demo:pydoc_data.topics"
+
+
+def local_files(paths):
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
+                           if os.path.splitext(f)[1] in LOCAL_BUILDERS)
+            if not found:
+                fail(f"no .txt, .jsonl or .parquet files under {path}")
+            files += found
+        elif not os.path.exists(path):
+            fail(f"input {path} does not exist")
+        elif os.path.splitext(path)[1] not in LOCAL_BUILDERS:
+            fail(f"input {path}: expected a .txt, .jsonl or .parquet file (or a folder of them)")
+        else:
+            files.append(path)
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                fh.read(1)
+        except OSError as e:
+            fail(f"cannot read {f}: {e.strerror}")
+    return files
+
+
+def load_local(paths, text_field):
+    """A .txt file is one document; .jsonl and .parquet hold one document per record."""
+    import datasets
+    files = local_files(paths)
+    parts = []
+    for ext in sorted({os.path.splitext(f)[1] for f in files}):
+        builder = LOCAL_BUILDERS[ext]
+        group = [f for f in files if os.path.splitext(f)[1] == ext]
+        kwargs = {"sample_by": "document"} if builder == "text" else {}
+        try:
+            ds = datasets.load_dataset(builder, data_files=group, split="train", **kwargs)
+        except Exception as e:
+            fail(f"could not read {ext} input ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+        field = "text" if builder == "text" else text_field
+        if field not in ds.column_names:
+            fail(f"{ext} input has no field '{field}' (fields: {', '.join(ds.column_names)}); pass --text_field")
+        parts.append(ds.select_columns([field]).rename_column(field, "text") if field != "text" else ds.select_columns(["text"]))
+    ds = datasets.concatenate_datasets(parts)
+    return ds, "local:" + ",".join(os.path.abspath(f) for f in files)
+
+
+def load_openwebtext(num_proc):
+    """OpenWebText from the hub. `load_dataset("openwebtext")` is a script dataset that
+    datasets >= 4 no longer runs; the hub's parquet conversion of Skylion007/openwebtext is
+    read instead."""
+    import datasets
+    try:
+        ds = datasets.load_dataset("parquet", data_files={"train": OWT_PARQUET}, split="train", num_proc=num_proc)
+    except Exception as e:
+        fail(f"could not load {OWT_HUB_ID} from the Hugging Face hub ({type(e).__name__}: "
+             f"{str(e).splitlines()[0] if str(e) else ''}).\n"
+             f"  If this machine is offline, download the parquet files elsewhere, e.g.\n"
+             f"    huggingface-cli download {OWT_HUB_ID} --repo-type dataset --revision refs/convert/parquet --local-dir owt\n"
+             f"  then run: python prepare_openwebtext.py --input owt/")
+    if len(ds) < 7_900_000:
+        print(f"warning: {len(ds):,} documents, OpenWebText has ~8.01M; the hub copy may be partial", file=sys.stderr)
+    return ds, f"hub:{OWT_HUB_ID}"
+
+
+# ----------------------------------------------------------------------------------------
+# Tokenize and write
+
+def _sha256_file(path, chunk=1 << 24):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _tokenize_batch(batch):
+    enc = gpt2_tokenizer()
+    ids = [enc.encode_ordinary(t) + [EOT] for t in batch["text"]]
+    return {"ids": ids, "len": [len(x) for x in ids]}
+
+
+def tokenize(ds, num_proc):
+    return ds.map(_tokenize_batch, batched=True, batch_size=256, remove_columns=["text"],
+                  desc=f"tokenizing ({num_proc} proc)", num_proc=num_proc if num_proc > 1 else None)
+
+
+def write_bin(tokenized, path):
+    """Write the ids as one uint16 memmap, under a temporary name renamed at the end, so
+    that a file named path is always complete."""
+    from tqdm import tqdm
+    total = int(np.sum(tokenized["len"], dtype=np.int64))
+    tmp = path + ".tmp"
+    arr = np.memmap(tmp, dtype=np.uint16, mode="w+", shape=(max(total, 1),))
+    pos, n_shards = 0, min(1024, len(tokenized))
+    for i in tqdm(range(n_shards), desc=f"writing {os.path.basename(path)}"):
+        ids = np.concatenate(tokenized.shard(n_shards, i, contiguous=True).with_format("numpy")["ids"])
+        if ids.size and ids.max() >= 65536:
+            os.remove(tmp)
+            fail(f"token id {int(ids.max())} does not fit in uint16")
+        arr[pos:pos + len(ids)] = ids
+        pos += len(ids)
+    arr.flush()
+    del arr
+    os.replace(tmp, path)
+    return total
+
+
+def prepare(ds, source, out_dir, num_proc, val_fraction, seed=2357):
+    if len(ds) < 2:
+        fail(f"the corpus has {len(ds)} document(s); a train/val split needs at least 2")
+    split = ds.train_test_split(test_size=val_fraction, seed=seed, shuffle=True)
+    split["val"] = split.pop("test")
+    os.makedirs(out_dir, exist_ok=True)
+    meta = {"tokenizer": "gpt2", "tokenizer_ranks_sha256": GPT2_RANKS_SHA256, "vocab_size": GPT2_VOCAB_SIZE,
+            "eot_token": EOT, "dtype": "uint16", "source": source, "val_fraction": val_fraction, "split_seed": seed}
+    for name in ("train", "val"):
+        tokenized = tokenize(split[name], num_proc)
+        n_tokens = write_bin(tokenized, os.path.join(out_dir, f"{name}.bin"))
+        if n_tokens <= len(split[name]):  # nothing but EOTs
+            fail(f"the {name} split holds no text: is the corpus empty?")
+        meta[name] = {"documents": len(split[name]), "tokens": n_tokens,
+                      "sha256": _sha256_file(os.path.join(out_dir, f"{name}.bin"))}
+    with open(os.path.join(out_dir, "meta.json.tmp"), "w") as f:
+        json.dump(meta, f, indent=2)
+    os.replace(os.path.join(out_dir, "meta.json.tmp"), os.path.join(out_dir, "meta.json"))
+    print(f"{out_dir}: train {meta['train']['documents']:,} documents, {meta['train']['tokens']:,} tokens; "
+          f"val {meta['val']['documents']:,} documents, {meta['val']['tokens']:,} tokens")
+    return meta
+
+
+def existing_data(out_dir, source, val_fraction):
+    """'same' when out_dir already holds complete data from this source, 'none' when it
+    holds no data, 'different' otherwise."""
+    meta_path = os.path.join(out_dir, "meta.json")
+    bins = [os.path.join(out_dir, f"{s}.bin") for s in ("train", "val")]
+    if not os.path.exists(meta_path):
+        return "different" if any(map(os.path.exists, bins)) else "none"
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta.get("source") != source or meta.get("val_fraction") != val_fraction:
+        return "different"
+    ok = all(os.path.exists(b) and os.path.getsize(b) == 2 * meta[s]["tokens"] for b, s in zip(bins, ("train", "val")))
+    return "same" if ok else "different"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out_dir", default=None, help="default: data/openwebtext, data/demo with --demo, data/local with --input")
+    p.add_argument("--input", nargs="+", metavar="PATH", help="local .txt/.jsonl/.parquet files or folders instead of the hub")
+    p.add_argument("--text_field", default="text", help="the text field of .jsonl/.parquet records (default: text)")
+    p.add_argument("--demo", action="store_true", help="build the embedded demo corpus (no network)")
+    p.add_argument("--num_proc", type=int, default=max(1, (os.cpu_count() or 2) // 2), help="tokenizer processes")
+    p.add_argument("--val_fraction", type=float, default=None, help="default 0.0005 (nanoGPT), 0.1 for --demo")
+    p.add_argument("--overwrite", action="store_true", help="replace data from a different source in out_dir")
+    p.add_argument("--fetch_tokenizer", action="store_true", help="download the GPT-2 ranks from PyPI and exit")
+    args = p.parse_args(argv)
+
+    if args.fetch_tokenizer:
+        return fetch_tokenizer()
+    if args.demo and args.input:
+        fail("--demo and --input exclude each other")
+    if args.num_proc < 1:
+        fail("--num_proc must be at least 1")
+    val_fraction = args.val_fraction if args.val_fraction is not None else (0.1 if args.demo else 0.0005)
+    if not 0 < val_fraction < 1:
+        fail("--val_fraction must be between 0 and 1")
+    out_dir = args.out_dir or os.path.join("data", "demo" if args.demo else "local" if args.input else "openwebtext")
+    try:
+        gpt2_tokenizer()  # fail now, not after the download
+    except RuntimeError as e:
+        fail(str(e))
+
+    if args.demo:
+        ds, source = load_demo()
+    elif args.input:
+        ds, source = load_local(args.input, args.text_field)
+    else:
+        source = f"hub:{OWT_HUB_ID}"
+    state = existing_data(out_dir, source, val_fraction)
+    if state == "same" and not args.overwrite:
+        print(f"{out_dir} already holds this data (meta.json); nothing to do")
+        return
+    if state == "different" and not args.overwrite:
+        fail(f"{out_dir} already holds other data; pass --overwrite to replace it, or choose another --out_dir")
+    if not args.demo and not args.input:
+        ds, source = load_openwebtext(args.num_proc)
+    if len(ds) == 0:
+        fail("the corpus is empty")
+    prepare(ds, source, out_dir, args.num_proc, val_fraction)
+
+
+if __name__ == "__main__":
+    main()

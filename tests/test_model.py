@@ -1,0 +1,183 @@
+"""model.py: sizes, the TWEO term (value, gradient, memory), forward outputs, generation."""
+import math
+import os
+import runpy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+from model import GPT, GPTConfig, TWEOPenalty, outlier_stats, record_activations, tweo_penalty
+
+PAPER_SIZES = {"124m": 124e6, "medium": 355e6, "large": 774e6, "xl": 1.56e9, "3b": 2.65e9, "7b": 6.65e9}
+
+
+def tiny_config(**kw):
+    args = dict(block_size=32, vocab_size=256, n_layer=2, n_head=2, n_embd=32)
+    args.update(kw)
+    return GPTConfig(**args)
+
+
+@pytest.mark.parametrize("size", PAPER_SIZES)
+def test_parameter_counts_match_the_paper(size):
+    cfg = runpy.run_path(os.path.join(REPO, "configs", f"gpt2_{size}_fp8_tweo.py"))
+    with torch.device("meta"):
+        model = GPT(GPTConfig(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"]))
+    n = model.get_num_params(non_embedding=False)
+    assert abs(n / PAPER_SIZES[size] - 1) < 0.02, f"{size}: {n / 1e6:.1f}M"
+    assert cfg["precision"] == "fp8" and cfg["tweo_lambda"] == 0.01
+
+
+def test_tweo_value_equals_the_formula_on_a_hand_made_tensor():
+    a = torch.tensor([[0.0, 3.0, -6.0], [1.5, -3.0, 30.0]])
+    tau, eps = 3.0, 1e-6
+    expected = sum((abs(v) / (tau + eps)) ** 4 for v in a.flatten().tolist()) / 6
+    assert tweo_penalty(a, tau, 4.0, eps).item() == pytest.approx(expected, rel=1e-6)
+    # 30 = 10 tau contributes 10^4: the soft threshold of Sec. 3.3
+    assert expected == pytest.approx((0 + 1 + 16 + 1 / 16 + 1 + 1e4) / 6, rel=1e-5)
+
+
+@pytest.mark.parametrize("p", [4.0, 3.0, 2.5, 1.0])
+def test_tweo_gradient_equals_autograd_on_the_naive_formula(p):
+    torch.manual_seed(0)
+    a = torch.randn(4, 16, 32, dtype=torch.float64) * 2
+    a[0, 3, 5] = 40.0  # an outlier
+    a1 = a.clone().requires_grad_()
+    a2 = a.clone().requires_grad_()
+    tau, eps = 3.0, 1e-6
+    naive = ((a1.abs() / (tau + eps)) ** p).mean()
+    naive.backward()
+    ours = tweo_penalty(a2, tau, p, eps)
+    ours.backward()
+    assert ours.item() == pytest.approx(naive.item(), rel=1e-10)
+    rel = ((a1.grad - a2.grad).norm() / a1.grad.norm()).item()
+    assert rel < 1e-6, rel
+    assert torch.autograd.gradcheck(lambda t: TWEOPenalty.apply(t, tau, p, eps), (a[:1, :2].clone().requires_grad_(),))
+
+
+def test_tweo_is_fp32_under_bf16_autocast():
+    a = (torch.randn(64, 64) * 3).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        v = tweo_penalty(a)
+    assert v.dtype == torch.float32
+    assert v.item() == pytest.approx(((a.float().abs() / 3) ** 4).mean().item(), rel=1e-4)
+
+
+def peak_bytes(fn):
+    """Peak of live CPU tensor memory while fn runs, from the profiler's allocation events."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def test_tweo_adds_no_activation_memory():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(block_size=128, vocab_size=512, n_layer=12, n_head=4, n_embd=128))
+    x = torch.randint(0, 512, (8, 128))
+
+    def step(tweo, naive=False):
+        def run():
+            if naive:  # the same term through plain autograd, for contrast
+                acts = []
+                hooks = [b.register_forward_hook(lambda m, i, o: acts.append(o)) for b in model.transformer.h]
+                out = model(x, x)
+                for h in hooks:
+                    h.remove()
+                loss = out.loss + 0.01 * sum(((a.float().abs() / 3) ** 4).mean() for a in acts) / len(acts)
+            else:
+                out = model(x, x, with_tweo=tweo)
+                loss = out.loss + 0.01 * out.tweo_loss
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+        return run
+
+    step(False)()  # warm up
+    base, tweo, naive = peak_bytes(step(False)), peak_bytes(step(True)), peak_bytes(step(False, naive=True))
+    print(f"peak memory: lambda=0 {base / 2**20:.2f} MiB, TWEO {tweo / 2**20:.2f} MiB ({100 * (tweo / base - 1):+.3f}%), "
+          f"naive autograd TWEO {naive / 2**20:.2f} MiB ({100 * (naive / base - 1):+.1f}%)")
+    assert tweo <= 1.01 * base
+    assert naive > 1.02 * base  # the measurement does see a term that keeps activations
+
+
+def test_lambda_zero_computes_no_tweo(monkeypatch):
+    calls = []
+    monkeypatch.setattr(TWEOPenalty, "apply", lambda *a: calls.append(1) or torch.tensor(1.0))
+    model = GPT(tiny_config())
+    x = torch.randint(0, 256, (2, 32))
+    out = model(x, x, with_tweo=False)
+    assert calls == [] and out.tweo_loss.item() == 0.0
+    model(x, x, with_tweo=True)
+    assert len(calls) == model.config.n_layer
+
+
+def test_forward_outputs_and_act_max():
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    x, y = torch.randint(0, 256, (3, 32)), torch.randint(0, 256, (3, 32))
+    block_out = []
+    hooks = [b.register_forward_hook(lambda m, i, o: block_out.append(o.detach())) for b in model.transformer.h]
+    out = model(x, y, with_tweo=True)
+    for h in hooks:
+        h.remove()
+    assert out.logits.shape == (3, 32, 256)
+    assert out.loss.item() == pytest.approx(math.log(256), rel=0.05)  # near-uniform at init
+    assert torch.allclose(out.act_max, torch.stack([a.abs().max() for a in block_out]))
+    expected = sum(((a.abs() / (3 + 1e-6)) ** 4).mean() for a in block_out) / len(block_out)
+    assert out.tweo_loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert model(x).logits.shape == (3, 1, 256)
+
+
+def test_gpt2_initialisation_and_tied_head():
+    torch.manual_seed(0)
+    cfg = tiny_config(n_layer=8, n_embd=128, n_head=4)
+    model = GPT(cfg)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert model.transformer.h[0].attn.c_attn.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.transformer.h[0].mlp.c_proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+    assert model.transformer.wte.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.transformer.h[0].mlp.c_fc.bias.abs().max().item() == 0
+
+
+def test_flops_per_token():
+    model = GPT(tiny_config())
+    cfg = model.config
+    n = model.get_num_params()
+    assert model.flops_per_token() == 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+
+def test_generate_is_deterministic_and_respects_the_vocab_limit():
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).eval()
+    idx = torch.zeros(2, 1, dtype=torch.long)
+    a = model.generate(idx, 40, temperature=1.0, top_k=50, vocab_limit=200, generator=torch.Generator().manual_seed(3))
+    b = model.generate(idx, 40, temperature=1.0, top_k=50, vocab_limit=200, generator=torch.Generator().manual_seed(3))
+    assert a.shape == (2, 41) and torch.equal(a, b)
+    assert a.max().item() < 200
+
+
+def test_outlier_stats_and_record_activations():
+    t = torch.tensor([1.0, -2.0, 3.0, -10.0, 0.5, 0.0])
+    s = outlier_stats(t)
+    assert (s["top1"], s["top2"], s["top3"]) == (10.0, 3.0, 2.0)
+    assert s["median"] == pytest.approx(1.5) and s["mean_abs"] == pytest.approx(16.5 / 6)
+    x = t.double()
+    c = x - x.mean()
+    assert s["kurtosis"] == pytest.approx(((c ** 4).mean() / (c ** 2).mean() ** 2).item())
+    assert outlier_stats(torch.randn(200000))["kurtosis"] == pytest.approx(3.0, abs=0.1)
+    model = GPT(tiny_config())
+    with record_activations(model, ffn=True) as rec:
+        model(torch.randint(0, 256, (2, 32)))
+    assert len(rec["block"]) == 2 and len(rec["ffn"]) == 2 and len(rec["block"][0]) == 1
+    assert not model.transformer.h[0]._forward_hooks  # hooks removed
+
+
+def test_importing_model_imports_neither_te_nor_deepspeed():
+    code = "import sys, model; bad = [m for m in ('deepspeed', 'transformer_engine') if m in sys.modules]; assert not bad, bad"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
