@@ -416,10 +416,9 @@ while iter_num < max_iters:
                            block_size, device)
         with autocast():
             out = engine(x, y, with_tweo=lam > 0)
-        loss = out.loss + lam * out.tweo_loss if lam > 0 else out.loss
-        if iter_num == inject_nan_iter:
-            loss = loss * float("nan")
-        sums += torch.stack([out.loss.detach().float(), out.tweo_loss.detach().float()])
+        task_loss = out.loss * float("nan") if iter_num == inject_nan_iter else out.loss
+        loss = task_loss + lam * out.tweo_loss if lam > 0 else task_loss
+        sums += torch.stack([task_loss.detach().float(), out.tweo_loss.detach().float()])
         interval_act_max = torch.maximum(interval_act_max, out.act_max)
         if micro_step == grad_accum - 1:
             # the one host sync per iteration: the global loss decides on a collapse before
