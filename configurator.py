@@ -4,6 +4,7 @@ are applied. Every key must already exist in `defaults` (train.py's globals, say
 its type; anything else is a ConfigError naming the closest valid key.
 
     python train.py configs/gpt2_xl_fp8_tweo.py --learning_rate=3e-4 --wandb_log=True
+    python bench/eval.py --out_dir=out/run --json          (a bare --flag sets a bool key to True)
 
 A config file is plain Python: assignments, and `from configs.sizes.xl import *` to share
 settings. Names starting with an underscore and imported modules are ignored.
@@ -63,6 +64,8 @@ def configure(defaults, argv):
                 config[key] = _checked(key, value, defaults, arg)
         else:
             key, sep, text = arg[2:].partition("=")
+            if not sep and isinstance(defaults.get(key), bool):
+                sep, text = "=", "True"  # a bare --flag sets a bool key
             if not sep:
                 raise ConfigError(f"'{arg}': overrides are written --key=value")
             if key not in defaults:

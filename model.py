@@ -15,6 +15,8 @@ Importing this file never imports transformer_engine or deepspeed.
 """
 import contextlib
 import math
+import os
+import sys
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -206,7 +208,8 @@ class GPT(nn.Module):
 
 # ----------------------------------------------------------------------------------------
 # Activation statistics: the paper's Figure 5 (top-1/2/3 and median of |block output|)
-# and the outlier table of bench/eval.py.
+# and the outlier table of bench/eval.py. Partial statistics of several batches merge
+# exactly, except the median (the median of the per-batch medians).
 
 def _median(v):
     """Median of a 1-D tensor, averaging the two middle values for even sizes (numpy's)."""
@@ -217,33 +220,110 @@ def _median(v):
 
 
 @torch.no_grad()
-def outlier_stats(t):
-    """Outlier statistics of one activation tensor. Kurtosis is the raw mu4 / sigma^4 of
-    the values (3 for a Gaussian); the others are of |values|."""
+def activation_moments(t):
+    """Mergeable statistics of one activation tensor (in float64)."""
     x = t.detach().double().flatten()
     a = x.abs()
-    top = torch.topk(a, min(3, a.numel())).values.tolist() + [0.0, 0.0]
-    centred = x - x.mean()
-    var = centred.pow(2).mean()
-    kurt = (centred.pow(4).mean() / var.pow(2)).item() if var > 0 else float("nan")
-    return {"top1": top[0], "top2": top[1], "top3": top[2], "median": _median(a).item(),
-            "max": top[0], "mean_abs": a.mean().item(), "kurtosis": kurt, "inf_norm": top[0]}
+    return {"n": x.numel(), "sums": [x.sum().item(), x.pow(2).sum().item(), x.pow(3).sum().item(), x.pow(4).sum().item()],
+            "sum_abs": a.sum().item(), "top3": torch.topk(a, min(3, a.numel())).values.tolist(), "median": _median(a).item()}
+
+
+def summarize_moments(parts):
+    """Outlier statistics from one or more activation_moments(). Kurtosis is the raw
+    mu4 / sigma^4 of the values (3 for a Gaussian); the others are of |values|."""
+    n = sum(p["n"] for p in parts)
+    s1, s2, s3, s4 = (sum(p["sums"][i] for p in parts) / n for i in range(4))
+    var = s2 - s1 ** 2
+    mu4 = s4 - 4 * s1 * s3 + 6 * s1 ** 2 * s2 - 3 * s1 ** 4
+    top = sorted((v for p in parts for v in p["top3"]), reverse=True)[:3] + [0.0, 0.0]
+    medians = sorted(p["median"] for p in parts)
+    median = (medians[(len(medians) - 1) // 2] + medians[len(medians) // 2]) / 2
+    return {"top1": top[0], "top2": top[1], "top3": top[2], "median": median, "max": top[0],
+            "mean_abs": sum(p["sum_abs"] for p in parts) / n, "kurtosis": mu4 / var ** 2 if var > 0 else float("nan"),
+            "inf_norm": top[0]}
+
+
+def outlier_stats(t):
+    return summarize_moments([activation_moments(t)])
 
 
 @contextlib.contextmanager
 def record_activations(model, ffn=False):
-    """Collect outlier_stats of every block output (and, with ffn=True, every MLP output
-    before its residual add) while the context is open. Yields a dict
-    {"block": [[stats per call] per layer], "ffn": [...]}."""
+    """Collect activation_moments of every block output (and, with ffn=True, every MLP
+    output before its residual add) while the context is open. Yields a dict
+    {"block": [[moments per forward] per layer], "ffn": [...]}; summarize_moments() each."""
     blocks = model.transformer.h
     records = {"block": [[] for _ in blocks], "ffn": [[] for _ in blocks] if ffn else []}
     hooks = []
     for i, block in enumerate(blocks):
-        hooks.append(block.register_forward_hook(lambda m, inp, out, i=i: records["block"][i].append(outlier_stats(out))))
+        hooks.append(block.register_forward_hook(lambda m, inp, out, i=i: records["block"][i].append(activation_moments(out))))
         if ffn:
-            hooks.append(block.mlp.register_forward_hook(lambda m, inp, out, i=i: records["ffn"][i].append(outlier_stats(out))))
+            hooks.append(block.mlp.register_forward_hook(lambda m, inp, out, i=i: records["ffn"][i].append(activation_moments(out))))
     try:
         yield records
     finally:
         for h in hooks:
             h.remove()
+
+
+# ----------------------------------------------------------------------------------------
+# Loading a trained model (sample.py, bench/eval.py)
+
+class CheckpointError(Exception):
+    pass
+
+
+def load_trained(out_dir, ckpt="last", backend=None, device="cpu"):
+    """A trained GPT from out_dir: the consolidated model_{ckpt}.pt that train.py writes,
+    or, when ckpt is a DeepSpeed checkpoint tag or folder, the ZeRO-3 shards themselves
+    (gathered on CPU with DeepSpeed's zero_to_fp32). Returns (model, run info) with the
+    model in bf16 (FP8 scaling state in fp32), in eval mode. Raises CheckpointError."""
+    from precision import keep_fp8_state_fp32
+
+    path = os.path.join(out_dir, f"model_{ckpt}.pt")
+    if os.path.isfile(path):
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        state, args, extra = saved["model"], saved["model_args"], saved.get("fp8_extra_state", {})
+        info = {k: saved.get(k) for k in ("config", "iter", "val_loss")}
+    else:
+        state, args, info = _load_zero_checkpoint(out_dir, ckpt)
+        extra = {}
+    model = GPT(GPTConfig(**args), backend)
+    model.to(device=device, dtype=torch.bfloat16)  # as under DeepSpeed bf16 ...
+    keep_fp8_state_fp32(model)  # ... with the FP8 scaling state in fp32, loaded below without rounding
+    expected = model.state_dict()
+    for k, v in state.items():
+        if k in expected and expected[k].shape != v.shape:
+            raise CheckpointError(f"{k} has shape {tuple(v.shape)} in the checkpoint but {tuple(expected[k].shape)} "
+                                  f"in the model: a checkpoint of another size or vocabulary")
+    # FP8 scaling state only exists in FP8 models; anything else must match exactly
+    state = {k: v for k, v in state.items() if ".fp8_" not in k or k in expected}
+    missing, unexpected = model.load_state_dict({**state, **{k: v for k, v in extra.items() if k in expected}}, strict=False)
+    missing = [k for k in missing if ".fp8_" not in k and not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint does not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    info["trained_in_fp8"] = any(".fp8_" in k for k in state) or bool(extra) or \
+        (info.get("config") or {}).get("precision") == "fp8"
+    return model.eval(), info
+
+
+def _load_zero_checkpoint(out_dir, ckpt):
+    ckpt_root = os.path.join(out_dir, "ckpt")
+    tag_dir = ckpt if os.path.isdir(ckpt) else os.path.join(ckpt_root, ckpt)
+    if not os.path.isdir(tag_dir) and os.path.isfile(os.path.join(ckpt_root, ckpt if ckpt != "last" else "latest")):
+        with open(os.path.join(ckpt_root, ckpt if ckpt != "last" else "latest")) as f:
+            tag_dir = os.path.join(ckpt_root, f.read().strip())
+    if not os.path.isdir(tag_dir):
+        raise CheckpointError(f"no model_{ckpt}.pt and no DeepSpeed checkpoint '{ckpt}' in {out_dir}")
+    run_json = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(tag_dir))), "run.json")
+    if not os.path.isfile(run_json):
+        raise CheckpointError(f"{run_json} not found: cannot tell the model's size")
+    import json
+    with open(run_json) as f:
+        run = json.load(f)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    root, tag = os.path.split(os.path.abspath(tag_dir))
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed reports progress on stdout
+        state = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
+    return dict(state), run["model_args"], {"config": run["config"], "iter": None, "val_loss": None}

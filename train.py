@@ -162,7 +162,7 @@ warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distri
 import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from model import GPT, GPTConfig, record_activations  # noqa: E402
+from model import GPT, GPTConfig, record_activations, summarize_moments  # noqa: E402
 
 deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
 device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
@@ -390,7 +390,8 @@ def act_stats():
     with record_activations(raw_model) as rec, torch.no_grad(), autocast():
         engine(x)
     engine.train()
-    return [{k: s[0][k] for k in ("top1", "top2", "top3", "median")} for s in rec["block"]]
+    stats = [summarize_moments(parts) for parts in rec["block"]]
+    return [{k: s[k] for k in ("top1", "top2", "top3", "median")} for s in stats]
 
 
 def client_state(**extra):

@@ -19,6 +19,7 @@ def test_overrides_take_values_of_the_right_type():
     assert c["learning_rate"] == 3e-4 and c["max_iters"] == 7 and c["precision"] == "fp8"
     assert c["wandb_log"] is True and c["tweo_lambda"] == 1.0 and isinstance(c["tweo_lambda"], float)
     assert DEFAULTS["max_iters"] == 100  # defaults untouched
+    assert configure(DEFAULTS, ["--wandb_log"])["wandb_log"] is True
 
 
 def test_config_files_then_overrides():

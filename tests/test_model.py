@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from model import GPT, GPTConfig, TWEOPenalty, outlier_stats, record_activations, tweo_penalty
+from model import GPT, GPTConfig, TWEOPenalty, activation_moments, outlier_stats, record_activations, summarize_moments, tweo_penalty
 
 PAPER_SIZES = {"124m": 124e6, "medium": 355e6, "large": 774e6, "xl": 1.56e9, "3b": 2.65e9, "7b": 6.65e9}
 
@@ -175,6 +175,12 @@ def test_outlier_stats_and_record_activations():
     with record_activations(model, ffn=True) as rec:
         model(torch.randint(0, 256, (2, 32)))
     assert len(rec["block"]) == 2 and len(rec["ffn"]) == 2 and len(rec["block"][0]) == 1
+    # batches merge exactly (but for the median)
+    a, b = torch.randn(1000) * 2, torch.randn(3000) + 1
+    merged = summarize_moments([activation_moments(v) for v in (a, b)])
+    direct = outlier_stats(torch.cat([a, b]))
+    for k in ("top1", "top2", "top3", "mean_abs", "kurtosis"):
+        assert merged[k] == pytest.approx(direct[k], rel=1e-9)
     assert not model.transformer.h[0]._forward_hooks  # hooks removed
 
 

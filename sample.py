@@ -1,0 +1,73 @@
+"""
+Generate text from a trained model.
+
+    python sample.py --out_dir=out/gpt2_xl_fp8_tweo --start="The meaning of life" --num_samples=3 --max_new_tokens=100
+    python sample.py --out_dir=out/tiny --start=FILE:prompt.txt --ckpt=best --temperature=0.7 --top_k=50 --seed=1
+
+--ckpt: 'last' or 'best' (the consolidated model_last.pt / model_best.pt train.py writes),
+or a DeepSpeed checkpoint tag or folder (read directly from the ZeRO-3 shards).
+A model trained in FP8 samples in BF16: FP8 GEMMs need the token count to be a multiple
+of 8, which a one-token decoding step is not. --print_json prints one JSON object per sample.
+"""
+import json
+import os
+import sys
+
+import torch
+
+from configurator import configure_or_exit
+from model import CheckpointError, load_trained
+from prepare_openwebtext import EOT, gpt2_tokenizer
+
+out_dir = "out"
+ckpt = "last"
+start = "\n"  # or "FILE:prompt.txt"
+num_samples = 3
+max_new_tokens = 200
+temperature = 0.8
+top_k = 200
+seed = 1337
+device = "cuda" if torch.cuda.is_available() else "cpu"
+print_json = False
+globals().update(configure_or_exit({k: v for k, v in globals().items() if k in (
+    "out_dir", "ckpt", "start", "num_samples", "max_new_tokens", "temperature", "top_k", "seed", "device", "print_json")},
+    sys.argv[1:]))
+
+
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+if num_samples < 1 or max_new_tokens < 1 or temperature <= 0 or top_k < 1:
+    fail("num_samples, max_new_tokens and top_k must be >= 1, and temperature > 0")
+if start.startswith("FILE:"):
+    try:
+        with open(start[5:], encoding="utf-8") as f:
+            start = f.read()
+    except OSError as e:
+        fail(f"cannot read the prompt file {start[5:]}: {e.strerror}")
+try:
+    enc = gpt2_tokenizer()
+    model, info = load_trained(out_dir, ckpt, device=device)
+except (CheckpointError, RuntimeError) as e:
+    fail(str(e))
+if model.config.vocab_size < enc.n_vocab:
+    fail(f"the model's vocabulary ({model.config.vocab_size}) is smaller than GPT-2's ({enc.n_vocab})")
+if info["trained_in_fp8"]:
+    print("note: trained in FP8, sampling in BF16", file=sys.stderr)
+
+torch.manual_seed(seed)
+generator = torch.Generator(device=device).manual_seed(seed)
+ids = enc.encode(start, allowed_special={"<|endoftext|>"}) or [EOT]
+x = torch.tensor(ids, dtype=torch.long, device=device)[None, :]
+with torch.no_grad(), torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
+    for k in range(num_samples):
+        y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, vocab_limit=enc.n_vocab,
+                           generator=generator)
+        new = y[0, len(ids):].tolist()
+        if print_json:
+            print(json.dumps({"sample": k, "prompt": start, "tokens": new, "text": enc.decode(new)}))
+        else:
+            print(enc.decode(ids + new))
+            print("---------------")

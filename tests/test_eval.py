@@ -1,0 +1,90 @@
+"""bench/eval.py: val loss/PPL comparable with train.py's, and exact outlier statistics."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, metrics
+
+sys.path.insert(0, os.path.join(REPO, "bench"))
+
+
+def run_eval(*args):
+    r = subprocess.run([sys.executable, "bench/eval.py", *args, "--json"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("mode", ["bf16", "fp8_tweo"])
+def test_ppl_matches_the_val_loss_train_logged(runs, mode):
+    logged = {r["iter"]: r["val_loss"] for r in metrics(runs[mode]) if "val_loss" in r}
+    for ckpt, it in [("last", 24), ("best", 24)]:
+        result = run_eval(f"--out_dir={runs[mode]}", f"--ckpt={ckpt}")
+        assert result["iter"] == it and result["precision"] == ("fp8" if "fp8" in mode else "bf16")
+        assert result["val_ppl"] == pytest.approx(math.exp(result["val_loss"]), rel=1e-12)
+        print(f"{mode} {ckpt}: eval {result['val_loss']:.6f}, train logged {logged[it]:.6f}")
+        assert abs(result["val_loss"] - logged[it]) < 1e-3
+        assert len(result["layers"]) == 2 and {"block", "ffn"} == set(result["layers"][0])
+
+
+def test_outlier_statistics_match_a_direct_computation(runs, tmp_path):
+    # a hand-made model: the trained tiny model with one planted outlier direction
+    run = tmp_path / "hand"
+    run.mkdir()
+    shutil.copy(os.path.join(runs["bf16"], "run.json"), run / "run.json")
+    saved = torch.load(os.path.join(runs["bf16"], "model_last.pt"), weights_only=True)
+    saved["model"]["transformer.h.1.mlp.c_proj.bias"][7] = 40.0
+    torch.save(saved, run / "model_last.pt")
+    result = run_eval(f"--out_dir={run}", "--eval_iters=1")
+
+    from model import load_trained
+    import data as D
+    cfg = json.load(open(run / "run.json"))["config"]
+    model, _ = load_trained(str(run), "last")
+    val = D.open_split(cfg["data_dir"], "val", cfg["block_size"])
+    offsets = D.val_offsets(cfg["seed"], cfg["micro_batch_size"], len(val), cfg["block_size"])
+    x, _ = D.get_batch(val, offsets, cfg["block_size"], torch.device("cpu"))
+    outs = {}
+    hooks = [m.register_forward_hook(lambda mod, i, o, k=k: outs.__setitem__(k, o.detach().double().numpy()))
+             for k, m in [("block1", model.transformer.h[1]), ("ffn1", model.transformer.h[1].mlp)]]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+    for h in hooks:
+        h.remove()
+    for key, kind in [("block1", "block"), ("ffn1", "ffn")]:
+        v = outs[key].ravel()
+        a = np.sort(np.abs(v))[::-1]
+        c = v - v.mean()
+        direct = {"top1": a[0], "top2": a[1], "top3": a[2], "median": np.median(np.abs(v)), "max": a[0],
+                  "mean_abs": np.abs(v).mean(), "kurtosis": (c ** 4).mean() / (c ** 2).mean() ** 2, "inf_norm": a[0]}
+        got = result["layers"][1][kind]
+        for k, want in direct.items():
+            assert got[k] == pytest.approx(want, rel=1e-6), (kind, k)
+    assert result["layers"][1]["ffn"]["top1"] >= 39  # the planted outlier is seen
+    assert result["layers"][1]["ffn"]["kurtosis"] > 10 * result["layers"][0]["ffn"]["kurtosis"]
+
+
+def test_the_evaluation_hook_applies_a_transform(runs):
+    import data as D
+    from eval import evaluate
+    from model import load_trained
+    from precision import make_backend
+    cfg = json.load(open(os.path.join(runs["bf16"], "run.json")))["config"]
+    model, _ = load_trained(runs["bf16"], "last")
+    val = D.open_split(cfg["data_dir"], "val", cfg["block_size"])
+    offsets = D.val_offsets(cfg["seed"], 16, len(val), cfg["block_size"])
+    backend = make_backend("bf16")
+    plain = evaluate(model, val, offsets, cfg["block_size"], 8, backend, stats=False)
+
+    def zero_last_mlp(m):
+        with torch.no_grad():
+            m.transformer.h[1].mlp.c_proj.weight.zero_()
+        return m
+    hurt = evaluate(model, val, offsets, cfg["block_size"], 8, backend, transform=zero_last_mlp)
+    assert hurt["val_loss"] != plain["val_loss"] and "layers" in hurt
