@@ -99,36 +99,49 @@ def fp8_max(dtype):
     return torch.finfo(dtype).max
 
 
-def quantize(x, scale, dtype):
-    """Cast x*scale to `dtype`, saturating. Returns (fp8 tensor, number of saturated elements)."""
-    y = x.float() * scale
+def amax_of(x):
+    return torch.linalg.vector_norm(x.detach(), float("inf")).float()  # max |x| in one pass, no temporary
+
+
+def quantize(x, scale, dtype, amax=None):
+    """Cast x*scale to `dtype`, saturating. Returns (fp8 tensor, number of saturated elements).
+    The saturation count (and the clamp) is only computed when amax*scale can exceed the
+    format's maximum, which keeps the common case to two passes over x."""
     limit = fp8_max(dtype)
-    saturated = (y.abs() > limit).sum()
-    return y.clamp_(-limit, limit).to(dtype), saturated
+    amax = amax_of(x) if amax is None else amax
+    y = x.to(torch.float32, copy=True).mul_(scale)
+    if bool(amax * scale > limit):
+        saturated = torch.count_nonzero(y.abs() > limit)
+        y.clamp_(-limit, limit)
+    else:
+        saturated = torch.zeros((), dtype=torch.long, device=x.device)
+    return y.to(dtype), saturated
+
+
+def dequantize(q, scale):
+    return q.to(torch.float32).div_(scale)
 
 
 def quantize_dequantize(x, scale, dtype):
-    q, _ = quantize(x, scale, dtype)
-    return q.float() / scale
+    return dequantize(quantize(x, scale, dtype)[0], scale)
 
 
 class _FP8LinearFunction(torch.autograd.Function):
-    """y = x @ w.T + b with x, w in E4M3 and dy in E5M2. Saves the FP8 copies of x and w
-    for backward (one byte per element), as Transformer Engine does."""
+    """y = x @ w.T + b with x, w in E4M3 and dy in E5M2, fp32 accumulation. Saves the FP8
+    copies of x and w for backward (one byte per element), as Transformer Engine does."""
 
     @staticmethod
     @torch.autocast("cpu", enabled=False)
     @torch.autocast("cuda", enabled=False)
     def forward(ctx, x, weight, bias, layer, training_step):
-        sx, sw = layer.scale_for(0, x), layer.scale_for(1, weight)
-        xq, sat_x = quantize(x, sx, E4M3)
-        wq, sat_w = quantize(weight, sw, E4M3)
+        ax, aw = amax_of(x), amax_of(weight)
+        sx, sw = layer.scale_for(0, ax), layer.scale_for(1, aw)
+        xq, sat_x = quantize(x, sx, E4M3, ax)
+        wq, sat_w = quantize(weight, sw, E4M3, aw)
         if training_step:  # evaluation leaves the scaling state as it is
-            layer.record(0, x, sat_x)
-            layer.record(1, weight, sat_w)
-        out = F.linear(xq.float(), wq.float()) / (sx * sw)
-        if bias is not None:
-            out = out + bias.float()
+            layer.record(0, ax, sat_x)
+            layer.record(1, aw, sat_w)
+        out = F.linear(dequantize(xq, sx), dequantize(wq, sw), None if bias is None else bias.float())
         ctx.save_for_backward(xq, wq, sx, sw)
         ctx.layer, ctx.has_bias = layer, bias is not None
         ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
@@ -138,14 +151,15 @@ class _FP8LinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         xq, wq, sx, sw = ctx.saved_tensors
         layer = ctx.layer
-        sg = layer.scale_for(2, grad_out)
-        gq, sat_g = quantize(grad_out, sg, E5M2)
-        layer.record(2, grad_out, sat_g)
-        g = gq.float()
-        grad_x = (g @ wq.float()) / (sg * sw)
-        grad_w = (g.reshape(-1, g.shape[-1]).t() @ xq.float().reshape(-1, xq.shape[-1])) / (sg * sx)
+        ag = amax_of(grad_out)
+        sg = layer.scale_for(2, ag)
+        gq, sat_g = quantize(grad_out, sg, E5M2, ag)
+        layer.record(2, ag, sat_g)
+        g = dequantize(gq, sg).reshape(-1, grad_out.shape[-1])
+        grad_x = (g @ dequantize(wq, sw)).reshape(*grad_out.shape[:-1], wq.shape[-1])
+        grad_w = g.t() @ dequantize(xq, sx).reshape(-1, xq.shape[-1])
         # the bias gradient comes from the high-precision gradient, as in TE's fused cast+dbias
-        grad_b = grad_out.float().reshape(-1, grad_out.shape[-1]).sum(0) if ctx.has_bias else None
+        grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0, dtype=torch.float32) if ctx.has_bias else None
         return grad_x.to(ctx.x_dtype), grad_w.to(ctx.w_dtype), grad_b, None, None
 
 
@@ -161,15 +175,13 @@ class _FP8State:
         self.register_buffer("fp8_amax_pending", torch.zeros(3))
         self.register_buffer("fp8_saturated", torch.zeros(3, dtype=torch.long))
 
-    def scale_for(self, role, tensor):
+    def scale_for(self, role, amax):
         if self.recipe == "current":
-            amax = tensor.detach().abs().amax().float()
             scale = fp8_max(ROLE_DTYPES[role]) / amax
             return torch.where((amax > 0) & torch.isfinite(amax), scale, torch.ones_like(scale))
         return self.fp8_scale[role].clone()
 
-    def record(self, role, tensor, saturated):
-        amax = tensor.detach().abs().amax().float()
+    def record(self, role, amax, saturated):
         # a running max, so a second call (activation-checkpoint recompute) changes nothing
         self.fp8_amax_pending[role] = torch.maximum(self.fp8_amax_pending[role], amax)
         self.fp8_saturated[role] += saturated

@@ -100,9 +100,12 @@ def demo_documents():
     return [topics[k].strip() for k in sorted(topics) if topics[k].strip()]
 
 
+DEMO_SOURCE = "demo:pydoc_data.topics"
+
+
 def load_demo():
     import datasets
-    return datasets.Dataset.from_dict({"text": demo_documents()}), "demo:pydoc_data.topics"
+    return datasets.Dataset.from_dict({"text": demo_documents()})
 
 
 def local_files(paths):
@@ -129,10 +132,13 @@ def local_files(paths):
     return files
 
 
-def load_local(paths, text_field):
+def local_source(files):
+    return "local:" + ",".join(os.path.abspath(f) for f in files)
+
+
+def load_local(files, text_field):
     """A .txt file is one document; .jsonl and .parquet hold one document per record."""
     import datasets
-    files = local_files(paths)
     parts = []
     for ext in sorted({os.path.splitext(f)[1] for f in files}):
         builder = LOCAL_BUILDERS[ext]
@@ -146,8 +152,7 @@ def load_local(paths, text_field):
         if field not in ds.column_names:
             fail(f"{ext} input has no field '{field}' (fields: {', '.join(ds.column_names)}); pass --text_field")
         parts.append(ds.select_columns([field]).rename_column(field, "text") if field != "text" else ds.select_columns(["text"]))
-    ds = datasets.concatenate_datasets(parts)
-    return ds, "local:" + ",".join(os.path.abspath(f) for f in files)
+    return datasets.concatenate_datasets(parts)
 
 
 def load_openwebtext(num_proc):
@@ -165,7 +170,7 @@ def load_openwebtext(num_proc):
              f"  then run: python prepare_openwebtext.py --input owt/")
     if len(ds) < 7_900_000:
         print(f"warning: {len(ds):,} documents, OpenWebText has ~8.01M; the hub copy may be partial", file=sys.stderr)
-    return ds, f"hub:{OWT_HUB_ID}"
+    return ds
 
 
 # ----------------------------------------------------------------------------------------
@@ -191,8 +196,9 @@ def tokenize(ds, num_proc):
 
 
 def write_bin(tokenized, path):
-    """Write the ids as one uint16 memmap, under a temporary name renamed at the end, so
-    that a file named path is always complete."""
+    """Write the ids as one uint16 memmap at path + '.tmp' and return the token count;
+    the caller renames it once everything is complete, so that a file named train.bin is
+    never half-written."""
     from tqdm import tqdm
     total = int(np.sum(tokenized["len"], dtype=np.int64))
     tmp = path + ".tmp"
@@ -201,13 +207,12 @@ def write_bin(tokenized, path):
     for i in tqdm(range(n_shards), desc=f"writing {os.path.basename(path)}"):
         ids = np.concatenate(tokenized.shard(n_shards, i, contiguous=True).with_format("numpy")["ids"])
         if ids.size and ids.max() >= 65536:
+            del arr
             os.remove(tmp)
             fail(f"token id {int(ids.max())} does not fit in uint16")
         arr[pos:pos + len(ids)] = ids
         pos += len(ids)
     arr.flush()
-    del arr
-    os.replace(tmp, path)
     return total
 
 
@@ -219,13 +224,17 @@ def prepare(ds, source, out_dir, num_proc, val_fraction, seed=2357):
     os.makedirs(out_dir, exist_ok=True)
     meta = {"tokenizer": "gpt2", "tokenizer_ranks_sha256": GPT2_RANKS_SHA256, "vocab_size": GPT2_VOCAB_SIZE,
             "eot_token": EOT, "dtype": "uint16", "source": source, "val_fraction": val_fraction, "split_seed": seed}
-    for name in ("train", "val"):
-        tokenized = tokenize(split[name], num_proc)
-        n_tokens = write_bin(tokenized, os.path.join(out_dir, f"{name}.bin"))
+    paths = {name: os.path.join(out_dir, f"{name}.bin") for name in ("train", "val")}
+    for name, path in paths.items():
+        n_tokens = write_bin(tokenize(split[name], num_proc), path)
         if n_tokens <= len(split[name]):  # nothing but EOTs
+            for p in paths.values():
+                if os.path.exists(p + ".tmp"):
+                    os.remove(p + ".tmp")
             fail(f"the {name} split holds no text: is the corpus empty?")
-        meta[name] = {"documents": len(split[name]), "tokens": n_tokens,
-                      "sha256": _sha256_file(os.path.join(out_dir, f"{name}.bin"))}
+        meta[name] = {"documents": len(split[name]), "tokens": n_tokens, "sha256": _sha256_file(path + ".tmp")}
+    for path in paths.values():
+        os.replace(path + ".tmp", path)
     with open(os.path.join(out_dir, "meta.json.tmp"), "w") as f:
         json.dump(meta, f, indent=2)
     os.replace(os.path.join(out_dir, "meta.json.tmp"), os.path.join(out_dir, "meta.json"))
@@ -277,9 +286,10 @@ def main(argv=None):
         fail(str(e))
 
     if args.demo:
-        ds, source = load_demo()
+        source = DEMO_SOURCE
     elif args.input:
-        ds, source = load_local(args.input, args.text_field)
+        files = local_files(args.input)
+        source = local_source(files)
     else:
         source = f"hub:{OWT_HUB_ID}"
     state = existing_data(out_dir, source, val_fraction)
@@ -288,8 +298,7 @@ def main(argv=None):
         return
     if state == "different" and not args.overwrite:
         fail(f"{out_dir} already holds other data; pass --overwrite to replace it, or choose another --out_dir")
-    if not args.demo and not args.input:
-        ds, source = load_openwebtext(args.num_proc)
+    ds = load_demo() if args.demo else load_local(files, args.text_field) if args.input else load_openwebtext(args.num_proc)
     if len(ds) == 0:
         fail("the corpus is empty")
     prepare(ds, source, out_dir, args.num_proc, val_fraction)

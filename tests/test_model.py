@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from bench.throughput import cpu_peak_bytes
 from conftest import REPO
 from model import GPT, GPTConfig, TWEOPenalty, activation_moments, outlier_stats, record_activations, summarize_moments, tweo_penalty
 
@@ -65,18 +66,6 @@ def test_tweo_is_fp32_under_bf16_autocast():
     assert v.item() == pytest.approx(((a.float().abs() / 3) ** 4).mean().item(), rel=1e-4)
 
 
-def peak_bytes(fn):
-    """Peak of live CPU tensor memory while fn runs, from the profiler's allocation events."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
 def test_tweo_adds_no_activation_memory():
     torch.manual_seed(0)
     model = GPT(tiny_config(block_size=128, vocab_size=512, n_layer=12, n_head=4, n_embd=128))
@@ -99,7 +88,7 @@ def test_tweo_adds_no_activation_memory():
         return run
 
     step(False)()  # warm up
-    base, tweo, naive = peak_bytes(step(False)), peak_bytes(step(True)), peak_bytes(step(False, naive=True))
+    base, tweo, naive = cpu_peak_bytes(step(False)), cpu_peak_bytes(step(True)), cpu_peak_bytes(step(False, naive=True))
     print(f"peak memory: lambda=0 {base / 2**20:.2f} MiB, TWEO {tweo / 2**20:.2f} MiB ({100 * (tweo / base - 1):+.3f}%), "
           f"naive autograd TWEO {naive / 2**20:.2f} MiB ({100 * (naive / base - 1):+.1f}%)")
     assert tweo <= 1.01 * base

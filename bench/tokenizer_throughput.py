@@ -1,0 +1,50 @@
+"""
+GPT-2 tokenization throughput of prepare_openwebtext.py with 1 and with N processes, on
+the same input, side by side.
+
+    python bench/tokenizer_throughput.py                    # the demo corpus, repeated to ~2M tokens
+    python bench/tokenizer_throughput.py --input owt/ --num_proc 8 --limit 200000
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import datasets  # noqa: E402
+
+import prepare_openwebtext as P  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--input", nargs="+", help="local corpus (default: the demo corpus)")
+    p.add_argument("--text_field", default="text")
+    p.add_argument("--num_proc", type=int, default=2, help="compared with 1 process")
+    p.add_argument("--repeat", type=int, default=64, help="copies of the demo corpus")
+    p.add_argument("--limit", type=int, default=0, help="use only the first N documents")
+    args = p.parse_args()
+    datasets.disable_caching()  # every run tokenizes for real
+    if args.input:
+        ds = P.load_local(P.local_files(args.input), args.text_field)
+    else:
+        ds = datasets.concatenate_datasets([P.load_demo()] * args.repeat)
+    if args.limit:
+        ds = ds.select(range(min(args.limit, len(ds))))
+    P.gpt2_tokenizer()  # load the ranks outside the timed region
+    results = {}
+    for n in sorted({1, args.num_proc}):
+        t = time.perf_counter()
+        tokenized = P.tokenize(ds, n)
+        dt = time.perf_counter() - t
+        results[n] = (sum(tokenized["len"]), dt)
+    print(f"\n{len(ds):,} documents")
+    print(f"{'processes':>9} {'tokens':>12} {'seconds':>8} {'tokens/s':>12} {'speed-up':>8}")
+    base = results[1][0] / results[1][1]
+    for n, (tokens, dt) in results.items():
+        print(f"{n:>9} {tokens:>12,} {dt:>8.2f} {tokens / dt:>12,.0f} {tokens / dt / base:>8.2f}x")
+
+
+if __name__ == "__main__":
+    main()
