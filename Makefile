@@ -5,7 +5,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEMO_ITERS ?= 200
+DEMO_ITERS ?= 150
 
 .PHONY: install install-dev demo test clean
 

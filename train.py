@@ -85,7 +85,9 @@ stop_on_collapse = True  # stop cleanly; False skips that update and continues
 inject_nan_iter = -1  # testing the collapse path: make the loss NaN at this iteration
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
-config = configure_or_exit({k: globals()[k] for k in config_keys}, sys.argv[1:])
+# the deepspeed launcher adds --local_rank=N; torchrun and DeepSpeed both set LOCAL_RANK anyway
+argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+config = configure_or_exit({k: globals()[k] for k in config_keys}, argv)
 globals().update(config)
 
 # dense peak TFLOP/s per GPU for MFU: (bf16, fp8)

@@ -50,11 +50,12 @@ def demo_data(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def runs(demo_data, tmp_path_factory):
-    """2-rank ZeRO-3 runs of the three modes, shared by several tests."""
+    """2-rank ZeRO-3 runs of the three modes, shared by several tests (fp8 also logs to an offline wandb)."""
     out = {}
     for mode, flags in MODES.items():
         out_dir = str(tmp_path_factory.mktemp(mode) / "run")
-        train(2, f"--data_dir={demo_data}", f"--out_dir={out_dir}", *flags, *RUN)
+        telemetry = ["--wandb_log=True", "--wandb_mode=offline"] if mode == "fp8" else []
+        train(2, f"--data_dir={demo_data}", f"--out_dir={out_dir}", *flags, *RUN, *telemetry)
         out[mode] = out_dir
     return out
 

@@ -33,6 +33,9 @@ def test_two_rank_zero3_run_learns_and_logs(runs, mode):
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
     stats = [r for r in rows if "act_stats" in r]
     assert [r["iter"] for r in stats] == [12, 24] and set(stats[0]["act_stats"][0]) == {"top1", "top2", "top3", "median"}
+    if mode == "fp8":
+        (wandb_run,) = [d for d in os.listdir(os.path.join(runs[mode], "wandb")) if d.startswith("offline-run-")]
+        assert any(f.endswith(".wandb") for f in os.listdir(os.path.join(runs[mode], "wandb", wandb_run)))
     if mode != "bf16":
         assert "fp8_amax" in train_rows[-1] and "lm_head" in train_rows[-1]["fp8_amax"]
         assert train_rows[-1]["fp8_amax"]["lm_head"]["input"] > 0
