@@ -138,11 +138,11 @@ def test_bad_input_one_line_nonzero_exit_nothing_written(demo_data, tmp_path):
         assert not out_dir.exists(), name
 
 
-def test_an_out_dir_holding_a_run_is_never_overwritten(runs, tmp_path):
+def test_an_out_dir_holding_a_run_is_never_overwritten(runs, demo_data):
     before = {f: os.path.getmtime(os.path.join(dp, f)) for dp, _, fs in os.walk(runs["bf16"]) for f in fs}
-    r = train(1, f"--out_dir={runs['bf16']}", "--data_dir=data/demo", check=False)
+    r = train(1, f"--out_dir={runs['bf16']}", f"--data_dir={demo_data}", check=False)
     assert r.returncode == 2 and "already holds a run" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    r = train(1, f"--out_dir={runs['bf16']}", "--n_layer=3", "--init_from=resume", check=False)
+    r = train(1, f"--out_dir={runs['bf16']}", f"--data_dir={demo_data}", "--n_layer=3", "--init_from=resume", check=False)
     assert r.returncode == 2 and "another model" in r.stderr
     after = {f: os.path.getmtime(os.path.join(dp, f)) for dp, _, fs in os.walk(runs["bf16"]) for f in fs}
     assert before == after
