@@ -20,7 +20,6 @@ All three use Transformer Engine's parameter names (layer_norm_weight, layer_nor
 weight, bias), so a checkpoint trained with one loads into the others.
 """
 import contextlib
-import math
 
 import torch
 import torch.nn as nn

@@ -10,7 +10,6 @@ A model trained in FP8 samples in BF16: FP8 GEMMs need the token count to be a m
 of 8, which a one-token decoding step is not. --print_json prints one JSON object per sample.
 """
 import json
-import os
 import sys
 
 import torch

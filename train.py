@@ -73,7 +73,7 @@ eval_iters = 200  # val windows = eval_iters * micro_batch_size, shared out over
 log_interval = 10
 act_stats_interval = 1000
 ckpt_interval = 2000
-ckpt_keep = 2  # iteration checkpoints kept besides `best`
+ckpt_keep = 2  # newest iteration checkpoints kept besides `best`; 0 keeps every one
 # wandb
 wandb_log = False
 wandb_project = "tweo"
@@ -282,10 +282,12 @@ def save_checkpoint(tag, pointer, state):
         os.replace(name + ".tmp", name)
         old = read_pointer(pointer) if os.path.exists(os.path.join(ckpt_dir, pointer)) else None
         write_atomic(os.path.join(ckpt_dir, pointer), tag)
+        # rotation: a superseded best goes; iteration checkpoints beyond the newest ckpt_keep
+        # go unless a pointer names them (ckpt_keep=0 keeps them all)
         keep = {read_pointer(p) for p in ("latest", "best") if os.path.exists(os.path.join(ckpt_dir, p))}
         iters = sorted(t for t in os.listdir(ckpt_dir) if t.startswith("iter_") and os.path.isdir(os.path.join(ckpt_dir, t)))
-        keep |= set(iters[-ckpt_keep:]) if ckpt_keep > 0 else set()
-        for t in iters + ([old] if old and old.startswith("best_") else []):
+        stale = ([old] if old and old.startswith("best_") else []) + (iters[:-ckpt_keep] if ckpt_keep > 0 else [])
+        for t in stale:
             if t not in keep:
                 shutil.rmtree(os.path.join(ckpt_dir, t), ignore_errors=True)
     dist.barrier()

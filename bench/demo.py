@@ -30,9 +30,9 @@ def last_iter(out_dir):
 
 def main(argv):
     max_iters = next((int(a.split("=", 1)[1]) for a in argv if a.startswith("--max_iters=")), 200)
-    schedule = [f"--max_iters={max_iters}", f"--lr_decay_iters={max_iters}", f"--eval_interval={max(1, max_iters // 4)}",
-                f"--ckpt_interval={max(1, max_iters // 4)}", f"--log_interval={max(1, max_iters // 20)}",
-                f"--act_stats_interval={max(1, max_iters // 4)}"]
+    every = max(1, max_iters // 5)
+    schedule = [f"--max_iters={max_iters}", f"--lr_decay_iters={max_iters}", f"--eval_interval={every}",
+                f"--ckpt_interval={every}", f"--act_stats_interval={every}", f"--log_interval={max(1, max_iters // 30)}"]
     dirs = []
     for mode, flags in MODES.items():
         out_dir = os.path.join("out", f"demo_{mode}")

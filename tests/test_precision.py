@@ -1,7 +1,5 @@
 """precision.py: the emulated FP8 numerics (E4M3/E5M2, delayed and current scaling),
 the backend choice, and state that moves between backends."""
-import math
-import os
 import socket
 
 import pytest

@@ -1,5 +1,4 @@
 """train.py: real DeepSpeed ZeRO-3 runs of configs/tiny.py on CPU (gloo), 1 and 2 ranks."""
-import json
 import math
 import os
 import signal
@@ -76,7 +75,7 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(runs, demo_data, tmp_pa
     done = max(r["iter"] for r in metrics(out_dir))
     assert 12 <= done < 24, "the run was not killed mid-training"
 
-    r = train(2, *args, "--init_from=resume")
+    train(2, *args, "--init_from=resume")
     resumed = [row for row in metrics(out_dir) if row.get("event") == "resume"]
     assert len(resumed) == 1 and resumed[0]["iter"] in (8, 16)
     start = resumed[0]["iter"]
@@ -146,3 +145,13 @@ def test_an_out_dir_holding_a_run_is_never_overwritten(runs, demo_data):
     assert r.returncode == 2 and "another model" in r.stderr
     after = {f: os.path.getmtime(os.path.join(dp, f)) for dp, _, fs in os.walk(runs["bf16"]) for f in fs}
     assert before == after
+
+
+def test_the_deepspeed_launcher_runs_it(demo_data, tmp_path):
+    # the launcher adds --local_rank=N, which train.py must accept
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    r = subprocess.run([launcher, "--num_gpus=1", "train.py", "configs/tiny.py", f"--data_dir={demo_data}",
+                        f"--out_dir={tmp_path}/ds", "--max_iters=2", "--eval_interval=2", "--ckpt_interval=2"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert [row["iter"] for row in metrics(f"{tmp_path}/ds") if "val_loss" in row] == [2]
