@@ -43,6 +43,8 @@ def test_two_rank_zero3_run_learns_and_logs(runs, mode):
         assert f.read() == "iter_0000024"
     with open(os.path.join(ckpt, "best")) as f:
         assert f.read() == "best_iter_0000024"
+    tags = {d for d in os.listdir(ckpt) if os.path.isdir(os.path.join(ckpt, d))}
+    assert tags == {"iter_0000016", "iter_0000024", "best_iter_0000024"}  # ckpt_keep=2, one best
     model_file = torch.load(os.path.join(runs[mode], "model_last.pt"), weights_only=True)
     assert model_file["iter"] == 24 and model_file["model_args"]["n_layer"] == 2
     assert model_file["model"]["transformer.wte.weight"].dtype == torch.bfloat16
