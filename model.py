@@ -175,10 +175,12 @@ class GPT(nn.Module):
         return GPTOutput(logits, loss, tweo, torch.stack(act_max).float())
 
     def get_num_params(self, non_embedding=True):
-        """Parameter count; the tied wte/lm_head counted once. non_embedding drops wpe (nanoGPT)."""
-        n = sum(p.numel() for p in self.parameters())
+        """Parameter count; the tied wte/lm_head counted once. non_embedding drops wpe (nanoGPT).
+        Under ZeRO-3 a parameter holds only its shard; ds_numel is its full size."""
+        numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731
+        n = sum(numel(p) for p in self.parameters())
         if non_embedding:
-            n -= self.transformer.wpe.weight.numel()
+            n -= numel(self.transformer.wpe.weight)
         return n
 
     def flops_per_token(self):

@@ -360,8 +360,7 @@ elif master:
     os.makedirs(out_dir, exist_ok=True)
     write_atomic(run_json, json.dumps({"config": config, "model_args": model_args, "world_size": world_size}, indent=2))
 
-n_params = raw_model.get_num_params(non_embedding=False) if zero_stage != 3 else sum(
-    int(np.prod(getattr(p, "ds_shape", p.shape))) for p in raw_model.parameters())
+n_params = raw_model.get_num_params(non_embedding=False)
 if master:
     print(f"{n_params / 1e6:.2f}M parameters | {precision} ({backend.name}) | TWEO lambda {tweo_lambda} "
           f"(tau {tweo_tau}, p {tweo_p}) | ZeRO-{zero_stage} | {world_size} rank(s) x {micro_batch_size} seq x "
@@ -377,7 +376,7 @@ if master:
             wandb_run = None
 
 val_windows = D.val_offsets(seed, eval_iters * micro_batch_size, len(val_data), block_size)
-flops_per_token = (6 * n_params - 6 * block_size * n_embd) + 12 * n_layer * n_embd * block_size  # 6N + 12LHQT
+flops_per_token = raw_model.flops_per_token()
 peak = peak_flops()
 
 
