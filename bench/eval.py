@@ -13,6 +13,7 @@ the run was trained in; fp8 uses the checkpoint's own FP8 scaling state.
 For post-training quantization work, evaluate(model, transform=...) evaluates a model
 with a transform (model -> model) applied first.
 """
+import contextlib
 import json
 import math
 import os
@@ -34,21 +35,13 @@ def evaluate(model, val_data, offsets, block_size, micro_batch_size, backend, tr
     if transform is not None:
         model = transform(model)
     device = next(model.parameters()).device
-    with record_activations(model, ffn=True) if stats else _nothing() as rec:
+    with record_activations(model, ffn=True) if stats else contextlib.nullcontext() as rec:
         loss = D.evaluate(model, val_data, offsets, block_size, micro_batch_size, device, lambda: backend.autocast(model))
     result = {"val_loss": loss, "val_ppl": math.exp(min(loss, 700))}
     if stats:
         result["layers"] = [{"block": summarize_moments(b), "ffn": summarize_moments(f)}
                             for b, f in zip(rec["block"], rec["ffn"])]
     return result
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def main(argv):
