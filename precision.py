@@ -121,10 +121,6 @@ def dequantize(q, scale):
     return q.to(torch.float32).div_(scale)
 
 
-def quantize_dequantize(x, scale, dtype):
-    return dequantize(quantize(x, scale, dtype)[0], scale)
-
-
 class _FP8LinearFunction(torch.autograd.Function):
     """y = x @ w.T + b with x, w in E4M3 and dy in E5M2, fp32 accumulation. Saves the FP8
     copies of x and w for backward (one byte per element), as Transformer Engine does."""

@@ -343,8 +343,7 @@ def peak_flops():
 iter_num, best_val_loss, best_train_loss, act_peak, wandb_id = 0, float("inf"), float("inf"), 0.0, None
 if init_from == "resume":
     tag = read_pointer("latest")
-    _, client = engine.load_checkpoint(ckpt_dir, tag=tag)
-    keep_fp8_state_fp32(raw_model)
+    _, client = engine.load_checkpoint(ckpt_dir, tag=tag)  # copies into the fp32 FP8 buffers as they are
     iter_num, best_val_loss, best_train_loss = client["iter"], client["best_val_loss"], client["best_train_loss"]
     act_peak, wandb_id = client["act_peak"], client.get("wandb_id")
     rng = torch.load(os.path.join(ckpt_dir, tag, f"rng_rank{rank}.pt"), weights_only=False)
