@@ -5,7 +5,8 @@ Read top to bottom:
   1. GPTConfig
   2. TWEOPenalty: L_TWEO for one block, mean((|A| / (tau + eps))^p), with a hand-written
      backward so that it keeps no activation memory of its own
-  3. the GPT-2 blocks; every Linear (and the LayerNorm in front of it) comes from a
+  3. the GPT-2 blocks (attention with the paper's invasive baselines as options, off by
+     default); every Linear (and the LayerNorm in front of it) comes from a
      precision backend (precision.py), so the same model runs in bf16, emulated FP8 or TE FP8
   4. GPT: forward returns logits, task loss, TWEO term and each block's max |output|
   5. activation statistics used by train.py (act_stats) and bench/eval.py
@@ -40,6 +41,10 @@ class GPTConfig:
     tweo_p: float = 4.0
     tweo_eps: float = 1e-6
     activation_checkpointing: bool = False
+    # the invasive baselines of the paper's Table 2, off by default (CausalSelfAttention)
+    attn_bias: bool = False              # a learnable key k' and value v' per head that every query sees
+    clipped_softmax_gamma: float = 0.0   # clip((zeta - gamma) softmax + gamma, 0, 1); gamma = -alpha / block_size
+    clipped_softmax_zeta: float = 1.0
 
 
 class TWEOPenalty(torch.autograd.Function):
@@ -75,21 +80,59 @@ def tweo_penalty(a, tau=3.0, p=4.0, eps=1e-6):
     return TWEOPenalty.apply(a, tau, p, eps)
 
 
+def clipped_softmax_attention(q, k, v, mask, gamma, zeta, dropout_p=0.0):
+    """Attention with the clipped softmax of Bondarenko et al. 2023 (Eq. 4.1),
+    clip((zeta - gamma) * softmax(q k^T / sqrt(d)) + gamma, 0, 1), which reaches exact zeros
+    (a head doing nothing) at finite logits. mask (T, S): True where a query sees a key; a
+    hidden key has softmax 0, stretched to gamma <= 0 and clipped back to 0."""
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
+    att = F.softmax(att.masked_fill(~mask, float("-inf")), dim=-1, dtype=torch.promote_types(att.dtype, torch.float32))
+    att = ((zeta - gamma) * att + gamma).clamp_(0.0, 1.0)
+    return F.dropout(att, dropout_p).to(v.dtype) @ v
+
+
 class CausalSelfAttention(nn.Module):
+    """Causal self-attention, through the fused SDPA kernel unless an invasive option is on:
+    - attn_bias: k' and v' per head, prepended to every sequence's keys and values, so a head
+      can attend to "nothing" instead of to a sink token (the paper's [1]; Sun et al. 2024).
+      Initialised N(0, 0.02) and weight-decayed like every other matrix, as in Sun et al.'s
+      nanoGPT code. SDPA takes them with an explicit mask.
+    - clipped softmax (clipped_softmax_gamma < 0 or zeta > 1): no fused kernel computes it,
+      so it runs clipped_softmax_attention."""
+
     def __init__(self, config, backend):
         super().__init__()
         assert config.n_embd % config.n_head == 0
+        gamma, zeta = config.clipped_softmax_gamma, config.clipped_softmax_zeta
+        assert gamma <= 0 and zeta >= 1, "clipped softmax needs gamma <= 0 and zeta >= 1 (else masked keys leak)"
         proj_std = 0.02 / math.sqrt(2 * config.n_layer)  # GPT-2: residual projections scaled
         self.c_attn = backend.LayerNormLinear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # ln_1 + QKV
         self.c_proj = backend.Linear(config.n_embd, config.n_embd, bias=config.bias, init_std=proj_std)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
+        self.clip = (gamma, zeta) if (gamma, zeta) != (0.0, 1.0) else None
+        self.attn_bias = config.attn_bias
+        if config.attn_bias:  # created with their init here, for zero.Init (see GPT)
+            head_shape = (config.n_head, 1, config.n_embd // config.n_head)
+            self.k_bias = nn.Parameter(torch.empty(head_shape).normal_(0.0, 0.02))
+            self.v_bias = nn.Parameter(torch.empty(head_shape).normal_(0.0, 0.02))
 
     def forward(self, x):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        dropout_p = self.dropout if self.training else 0.0
+        mask = None
+        if self.attn_bias:  # key 0 is k', seen by every query; then the causal window, one place on
+            k = torch.cat([self.k_bias.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)
+            v = torch.cat([self.v_bias.to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
+            mask = torch.ones(T, T + 1, dtype=torch.bool, device=x.device).tril(diagonal=1)
+        if self.clip is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout_p)
+        else:
+            if mask is None:
+                mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            y = clipped_softmax_attention(q, k, v, mask, *self.clip, dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 

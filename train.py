@@ -41,6 +41,9 @@ block_size = 1024
 vocab_size = 50304  # GPT-2's 50257 padded to a multiple of 16 for FP8 GEMMs
 dropout = 0.0
 bias = True
+attn_bias = False  # invasive baseline of Table 2: a learnable key k' and value v' per head, to attend to "nothing"
+clipped_softmax_gamma = 0.0  # invasive baseline: clipped softmax; gamma = -alpha / block_size, 0 is plain softmax
+clipped_softmax_zeta = 1.0
 # batch and schedule (Table 5 of the supplementary; the size configs override these)
 total_batch_tokens = 524288  # tokens per optimizer step, over all GPUs and micro-steps
 micro_batch_size = 16  # sequences per GPU per micro-step
@@ -110,6 +113,7 @@ def die(msg):
 
 # ---- check everything before any work or any write -------------------------
 import data as D  # noqa: E402
+from model import GPTConfig  # noqa: E402
 from precision import make_backend, te_available  # noqa: E402
 
 ckpt_dir = os.path.join(out_dir, "ckpt")
@@ -126,6 +130,8 @@ if wandb_mode not in ("online", "offline"):
     die(f"wandb_mode must be 'online' or 'offline', got {wandb_mode!r}")
 if precision not in ("bf16", "fp8") or fp8_backend not in ("auto", "te", "emulated"):
     die(f"precision must be 'bf16' or 'fp8' and fp8_backend 'auto', 'te' or 'emulated' (got {precision!r}, {fp8_backend!r})")
+if clipped_softmax_gamma > 0 or clipped_softmax_zeta < 1:
+    die(f"clipped_softmax_gamma must be <= 0 and clipped_softmax_zeta >= 1 (got {clipped_softmax_gamma}, {clipped_softmax_zeta})")
 if precision == "fp8" and fp8_backend == "te" and not te_available()[0]:
     die(f"fp8_backend='te' needs Transformer Engine on a CUDA GPU with compute capability >= 8.9: "
         f"{te_available()[1]}. Use --fp8_backend=emulated (same numerics, any device).")
@@ -136,7 +142,8 @@ except D.DataError as e:
     die(str(e))
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, vocab_size=vocab_size,
                   dropout=dropout, bias=bias, tweo_tau=tweo_tau, tweo_p=tweo_p,
-                  activation_checkpointing=activation_checkpointing)
+                  activation_checkpointing=activation_checkpointing, attn_bias=attn_bias,
+                  clipped_softmax_gamma=clipped_softmax_gamma, clipped_softmax_zeta=clipped_softmax_zeta)
 run_json = os.path.join(out_dir, "run.json")
 if init_from == "scratch" and (os.path.exists(run_json) or os.path.exists(ckpt_dir)):
     die(f"{out_dir} already holds a run; continue it with --init_from=resume, or choose another out_dir")
@@ -148,8 +155,9 @@ if init_from == "resume":
         die(f"{run_json} is missing: cannot check that the checkpoint fits this model")
     with open(run_json) as f:
         previous = json.load(f)
-    changed = {k: (previous["model_args"].get(k), v) for k, v in model_args.items()
-               if previous["model_args"].get(k) != v and k != "activation_checkpointing"}
+    previous_args = {**vars(GPTConfig()), **previous["model_args"]}  # an option newer than the run: its default
+    changed = {k: (previous_args.get(k), v) for k, v in model_args.items()
+               if previous_args.get(k) != v and k != "activation_checkpointing"}
     if changed:
         die(f"{out_dir} holds a run of another model ({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in changed.items())})")
 
@@ -166,7 +174,7 @@ warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distri
 import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from model import GPT, GPTConfig, record_activations, summarize_moments  # noqa: E402
+from model import GPT, record_activations, summarize_moments  # noqa: E402
 
 deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
 device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")

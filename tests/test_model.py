@@ -7,10 +7,11 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from bench.throughput import cpu_peak_bytes
 from conftest import REPO
-from model import GPT, GPTConfig, TWEOPenalty, activation_moments, outlier_stats, record_activations, summarize_moments, tweo_penalty
+from model import GPT, GPTConfig, TWEOPenalty, activation_moments, clipped_softmax_attention, outlier_stats, record_activations, summarize_moments, tweo_penalty
 
 PAPER_SIZES = {"124m": 124e6, "medium": 355e6, "large": 774e6, "xl": 1.56e9, "3b": 2.65e9, "7b": 6.65e9}
 
@@ -176,3 +177,172 @@ def test_outlier_stats_and_record_activations():
 def test_importing_model_imports_neither_te_nor_deepspeed():
     code = "import sys, model; bad = [m for m in ('deepspeed', 'transformer_engine') if m in sys.modules]; assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+# ---- the invasive baselines of Table 2: attention bias and clipped softmax ------------
+
+def reference_attention_block(attn, x, gamma=0.0, zeta=1.0):
+    """A CausalSelfAttention written out from its weights, one query at a time: LayerNorm,
+    QKV, [k'; keys up to the query], softmax stretched to [gamma, zeta] and clipped to [0, 1]."""
+    B, T, C = x.shape
+    H = attn.n_head
+    D = C // H
+    ln = attn.c_attn
+    xn = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    qkv = torch.einsum("btc,oc->bto", xn * ln.layer_norm_weight + ln.layer_norm_bias, ln.weight) + ln.bias
+    q, k, v = (qkv[..., i * C:(i + 1) * C].reshape(B, T, H, D) for i in range(3))
+    y = torch.zeros(B, T, H, D, dtype=x.dtype)
+    for b in range(B):
+        for h in range(H):
+            for t in range(T):
+                keys, values = k[b, :t + 1, h], v[b, :t + 1, h]
+                if attn.attn_bias:
+                    keys, values = torch.cat([attn.k_bias[h], keys]), torch.cat([attn.v_bias[h], values])
+                scores = torch.einsum("d,sd->s", q[b, t, h], keys) / math.sqrt(D)
+                p = torch.exp(scores - scores.max())
+                p = torch.clamp((zeta - gamma) * p / p.sum() + gamma, 0.0, 1.0)
+                y[b, t, h] = torch.einsum("s,sd->d", p, values)
+    return torch.einsum("btc,oc->bto", y.reshape(B, T, C), attn.c_proj.weight) + attn.c_proj.bias
+
+
+def invasive_model(**kw):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(block_size=12, n_embd=16, **kw)).double().eval()
+    for block in model.transformer.h:  # weights of a trained model's size, for peaked attention and a k', v' that matter
+        block.attn.c_attn.weight.data.normal_(0.0, 0.5)
+        if kw.get("attn_bias"):
+            block.attn.k_bias.data.normal_(0.0, 1.0)
+            block.attn.v_bias.data.normal_(0.0, 1.0)
+    return model, torch.randn(2, 12, 16, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("kw", [dict(attn_bias=True), dict(clipped_softmax_gamma=-0.1),
+                                dict(clipped_softmax_gamma=-0.2, clipped_softmax_zeta=1.2),
+                                dict(attn_bias=True, clipped_softmax_gamma=-0.1)], ids=str)
+def test_invasive_attention_equals_a_direct_computation(kw):
+    model, x = invasive_model(**kw)
+    attn = model.transformer.h[0].attn
+    gamma, zeta = kw.get("clipped_softmax_gamma", 0.0), kw.get("clipped_softmax_zeta", 1.0)
+    ours, direct = attn(x), reference_attention_block(attn, x, gamma, zeta)
+    assert (ours - direct).abs().max().item() < 1e-12
+    # negative controls: the same check tells the option from plain attention ...
+    plain, _ = invasive_model()
+    assert (plain.transformer.h[0].attn(x) - direct).abs().max().item() > 1e-3
+    # ... and is causal: a later token changes nothing before it (a wrong mask, or a clipped
+    # softmax letting gamma through to hidden keys, would)
+    x2 = x.clone()
+    x2[:, 7:] = torch.randn(2, 5, 16, dtype=torch.float64)
+    assert torch.equal(attn(x2)[:, :7], ours[:, :7]) and not torch.equal(attn(x2)[:, 7:], ours[:, 7:])
+
+
+def test_clipped_softmax_reaches_exact_zeros_and_with_gamma_0_is_plain_softmax():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 10, 8, dtype=torch.float64) * 3 for _ in range(3))
+    causal = torch.ones(10, 10, dtype=torch.bool).tril()
+    plain = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert torch.allclose(clipped_softmax_attention(q, k, v, causal, 0.0, 1.0), plain, rtol=0, atol=1e-12)
+    # v = identity reads out the probabilities: clipped ones are exactly 0 where softmax is small but positive
+    eye = torch.eye(10, dtype=torch.float64).expand(2, 3, 10, 10)
+    soft, clipped = clipped_softmax_attention(q, k, eye, causal, 0.0, 1.0), clipped_softmax_attention(q, k, eye, causal, -0.1, 1.0)
+    small = causal & (soft < 0.1 / 1.1)
+    assert small.any() and (soft[small] > 0).all() and (clipped[small] == 0).all()
+    assert torch.equal(clipped[~small & causal], 1.1 * soft[~small & causal] - 0.1)
+    assert (clipped[..., ~causal] == 0).all()
+    # in the model: the explicit path with gamma = 0, zeta = 1 gives the SDPA path's logits
+    model = GPT(tiny_config()).eval()
+    idx = torch.randint(0, 256, (2, 32))
+    fast = model(idx, idx).logits
+    for block in model.transformer.h:
+        block.attn.clip = (0.0, 1.0)
+    assert torch.allclose(model(idx, idx).logits, fast, rtol=0, atol=1e-5)
+    with pytest.raises(AssertionError, match="gamma <= 0"):  # a positive gamma would let hidden keys through
+        GPT(tiny_config(clipped_softmax_gamma=0.01))
+
+
+def test_attention_bias_with_zero_k_and_v_is_softmax_plus_one():
+    """k' = v' = 0: the bias key has logit 0 and adds nothing to the output, so attention
+    becomes sum_j e^s_j v_j / (1 + sum_j e^s_j), the "softmax + 1" of the paper's Table 1."""
+    model, x = invasive_model(attn_bias=True)
+    attn = model.transformer.h[0].attn
+    attn.k_bias.data.zero_()
+    attn.v_bias.data.zero_()
+    C, H = 16, attn.n_head
+    q, k, v = attn.c_attn(x).split(C, dim=2)
+    q, k, v = (t.view(2, 12, H, C // H).transpose(1, 2) for t in (q, k, v))
+    s = (q @ k.transpose(-2, -1) / math.sqrt(C // H)).masked_fill(~torch.ones(12, 12, dtype=torch.bool).tril(), -math.inf)
+    y = (s.exp() / (1 + s.exp().sum(-1, keepdim=True))) @ v
+    expected = attn.c_proj(y.transpose(1, 2).reshape(2, 12, C))
+    assert (attn(x) - expected).abs().max().item() < 1e-12
+
+
+def test_invasive_options_off_leave_the_model_unchanged():
+    """Off, the attention takes the SDPA fast path, adds no parameter and draws no random
+    number: the logits are bit-identical to the attention this repository had before."""
+    def sdpa_forward(self, x):  # CausalSelfAttention.forward before the options existed
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
+
+    torch.manual_seed(0)
+    model = GPT(tiny_config(n_layer=1))
+    after_init = torch.randn(3)
+    assert set(model.state_dict()) == {
+        "transformer.wte.weight", "transformer.wpe.weight", "lm_head.weight", "lm_head.layer_norm_weight",
+        "lm_head.layer_norm_bias"} | {f"transformer.h.0.{m}.{p}" for m in ("attn.c_attn", "mlp.c_fc") for p in (
+            "layer_norm_weight", "layer_norm_bias", "weight", "bias")} | {
+        f"transformer.h.0.{m}.{p}" for m in ("attn.c_proj", "mlp.c_proj") for p in ("weight", "bias")}
+    torch.manual_seed(0)
+    clipped = GPT(tiny_config(n_layer=1, clipped_softmax_gamma=-0.05))  # adds no parameter either
+    assert torch.equal(torch.randn(3), after_init)  # the same random draws: the same init
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), clipped.state_dict().values()))
+    torch.manual_seed(0)
+    with_bias = GPT(tiny_config(n_layer=1, attn_bias=True))
+    assert set(with_bias.state_dict()) - set(model.state_dict()) == {"transformer.h.0.attn.k_bias", "transformer.h.0.attn.v_bias"}
+    assert with_bias.transformer.h[0].attn.k_bias.std().item() == pytest.approx(0.02, rel=0.3)
+
+    idx = torch.randint(0, 256, (2, 32))
+    ours = model(idx, idx).logits
+    attention = type(model.transformer.h[0].attn)
+    original, attention.forward = attention.forward, sdpa_forward
+    try:
+        before = model(idx, idx).logits
+    finally:
+        attention.forward = original
+    assert torch.equal(ours, before)
+    assert not torch.allclose(clipped(idx, idx).logits, before, atol=1e-4)  # the test would see a change
+
+
+@pytest.mark.parametrize("option", [["--attn_bias=True"], ["--clipped_softmax_gamma=-0.03"]], ids=["attn_bias", "clipped_softmax"])
+def test_invasive_options_train_under_zero3_in_fp8_and_round_trip(demo_data, tmp_path, option):
+    """2 ranks, ZeRO-3, emulated FP8: the run trains, and load_trained rebuilds the option
+    from the run's model_args, from both the consolidated file and the ZeRO-3 shards, with
+    the val loss train.py logged."""
+    import data as D
+    from conftest import metrics, train
+    from model import load_trained
+    from precision import make_backend
+
+    out_dir = str(tmp_path / "run")
+    train(2, f"--data_dir={demo_data}", f"--out_dir={out_dir}", "--precision=fp8", "--fp8_backend=emulated", *option,
+          "--max_iters=4", "--log_interval=1", "--eval_interval=4", "--ckpt_interval=4", "--act_stats_interval=0",
+          "--warmup_iters=1", "--lr_decay_iters=4")
+    rows = metrics(out_dir)
+    assert [r["iter"] for r in rows if "loss" in r] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+    backend = make_backend("fp8", "emulated")
+    model, info = load_trained(out_dir, "last", backend=backend)
+    shards, _ = load_trained(out_dir, "iter_0000004", backend=backend)
+    key, value = option[0][2:].split("=")
+    assert getattr(model.config, key) == getattr(shards.config, key) == (True if value == "True" else float(value))
+    a, b = model.state_dict(), shards.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if ".fp8_" not in k)  # bf16 copies of the same fp32 master
+    if key == "attn_bias":
+        k_bias = model.transformer.h[0].attn.k_bias
+        assert k_bias.shape == (2, 1, 32) and k_bias.float().abs().max().item() > 0
+    cfg = info["config"]
+    val = D.open_split(demo_data, "val", cfg["block_size"], cfg["vocab_size"])
+    offsets = D.val_offsets(cfg["seed"], cfg["eval_iters"] * cfg["micro_batch_size"], len(val), cfg["block_size"])
+    loss = D.evaluate(model, val, offsets, cfg["block_size"], cfg["micro_batch_size"], torch.device("cpu"), lambda: backend.autocast(model))
+    logged = [r["val_loss"] for r in rows if "val_loss" in r][-1]
+    assert abs(loss - logged) < 1e-3, (loss, logged)
