@@ -123,15 +123,14 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         dropout_p = self.dropout if self.training else 0.0
         mask = None
-        if self.attn_bias:  # key 0 is k', seen by every query; then the causal window, one place on
+        if self.attn_bias:
             k = torch.cat([self.k_bias.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)
             v = torch.cat([self.v_bias.to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
-            mask = torch.ones(T, T + 1, dtype=torch.bool, device=x.device).tril(diagonal=1)
+        if self.attn_bias or self.clip:  # causal, aligned at the end: every query also sees k' (key 0)
+            mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=k.size(2) - T)
         if self.clip is None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout_p)
         else:
-            if mask is None:
-                mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             y = clipped_softmax_attention(q, k, v, mask, *self.clip, dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))

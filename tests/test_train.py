@@ -1,6 +1,8 @@
 """train.py: real DeepSpeed ZeRO-3 runs of configs/tiny.py on CPU (gloo), 1 and 2 ranks."""
+import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -127,6 +129,7 @@ def bad_input_cases(demo_data, tmp_path):
         "vocab too small": ([f"--data_dir={demo_data}", "--vocab_size=1000"], "needs a vocabulary of"),
         "batch does not divide": ([f"--data_dir={demo_data}", "--total_batch_tokens=1000"], "not a multiple of"),
         "te without CUDA": ([f"--data_dir={demo_data}", "--precision=fp8", "--fp8_backend=te"], "Transformer Engine"),
+        "positive clipped softmax gamma": ([f"--data_dir={demo_data}", "--clipped_softmax_gamma=0.02"], "clipped_softmax_gamma must be"),
     }
 
 
@@ -147,6 +150,21 @@ def test_an_out_dir_holding_a_run_is_never_overwritten(runs, demo_data):
     assert r.returncode == 2 and "another model" in r.stderr
     after = {f: os.path.getmtime(os.path.join(dp, f)) for dp, _, fs in os.walk(runs["bf16"]) for f in fs}
     assert before == after
+
+
+def test_a_run_from_before_a_model_option_existed_resumes(runs, demo_data, tmp_path):
+    """run.json of an older run lacks the newer model options (attn_bias, clipped softmax):
+    their defaults stand in, so it resumes; asking for the option on resume is another model."""
+    old = tmp_path / "old"
+    shutil.copytree(runs["bf16"], old)
+    with open(old / "run.json") as f:
+        run = json.load(f)
+    run["model_args"] = {k: v for k, v in run["model_args"].items() if k not in ("attn_bias", "clipped_softmax_gamma", "clipped_softmax_zeta")}
+    (old / "run.json").write_text(json.dumps(run))
+    r = train(2, f"--out_dir={old}", f"--data_dir={demo_data}", "--init_from=resume", *RUN, check=False)
+    assert r.returncode == 0 and "resuming from" in r.stdout, r.stderr[-2000:]
+    r = train(1, f"--out_dir={old}", f"--data_dir={demo_data}", "--init_from=resume", "--attn_bias=True", check=False)
+    assert r.returncode == 2 and "another model (attn_bias: False -> True)" in r.stderr
 
 
 def test_the_deepspeed_launcher_runs_it(demo_data, tmp_path):
