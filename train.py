@@ -239,6 +239,11 @@ from model import GPT, GPTConfig, record_activations, summarize_moments  # noqa:
 
 deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
 device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+if use_cuda:
+    torch.cuda.set_device(device)
+torch.manual_seed(seed)  # identical initial weights on every rank and for any world size
+np.random.seed(seed)
+random.seed(seed)
 
 
 def all_reduce(t, op=dist.ReduceOp.SUM):
@@ -266,7 +271,7 @@ if convert_from:
     universal = os.path.join(ckpt_dir, resume_tag, "universal")
     convert = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
                f"--input_folder={os.path.join(ckpt_dir, resume_tag)}", f"--output_folder={universal}"]
-    failed = torch.zeros(1)
+    failed = torch.zeros(1, device=device)
     if master and not os.path.isdir(universal):
         print(f"{ckpt_dir}/{resume_tag} was saved on {convert_from} rank(s) and this run has {world_size}: "
               f"converting it to a universal checkpoint: {' '.join(convert[1:])}", flush=True)
@@ -280,11 +285,6 @@ if convert_from:
     if all_reduce(failed, dist.ReduceOp.MAX).item():
         die(f"converting {ckpt_dir}/{resume_tag} to a universal checkpoint failed (above); "
             f"after fixing the cause run `{' '.join(convert)}` and resume again", status=1)
-if use_cuda:
-    torch.cuda.set_device(device)
-torch.manual_seed(seed)  # identical initial weights on every rank and for any world size
-np.random.seed(seed)
-random.seed(seed)
 
 backend = make_backend(precision, fp8_backend, fp8_recipe, fp8_amax_history_len, fp8_amax_compute_algo, device.type)
 if master and precision == "fp8" and backend.name == "emulated" and use_cuda:
@@ -376,6 +376,10 @@ def read_pointer(name):
         return f.read().strip()
 
 
+def pointed_tags():
+    return {read_pointer(p) for p in ("latest", "best") if os.path.exists(os.path.join(ckpt_dir, p))}
+
+
 def consolidated_state():
     """bf16 weights gathered on rank 0 (collective), with the FP8 state: the emulated
     backend's scales and amax histories are buffers and come with the weights;
@@ -395,43 +399,53 @@ def save_checkpoint(tag, pointer, state):
     checkpoint. A failed write on any rank stops the run with one line, after removing
     the partial tag: pointers and model files stay as they were."""
     write_errors.clear()
+    if master and os.path.isdir(os.path.join(ckpt_dir, tag)) and tag not in pointed_tags():
+        shutil.rmtree(os.path.join(ckpt_dir, tag))  # left by an interrupted save (DeepSpeed's save begins with a barrier)
     try_write(lambda path: engine.save_checkpoint(ckpt_dir, tag=tag, client_state=state, save_latest=False),
               os.path.join(ckpt_dir, tag))
     try_write(torch.save, {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if use_cuda else None,
                            "numpy": np.random.get_state(), "python": random.getstate()},
               os.path.join(ckpt_dir, tag, f"rng_rank{rank}.pt"))
     model_file = consolidated_state()
-    for step in ("shards", "pointer"):  # every rank learns whether any failed, after each step
-        if master and step == "pointer" and not write_errors:
-            old = read_pointer(pointer) if os.path.exists(os.path.join(ckpt_dir, pointer)) else None
-            try_write(write_atomic, os.path.join(ckpt_dir, pointer), tag)
-            model_file.update(iter=state["iter"], val_loss=state.get("val_loss"))
-            try_write(torch_save_atomic, model_file, os.path.join(out_dir, f"model_{'best' if pointer == 'best' else 'last'}.pt"))
-        first_failed = all_reduce(torch.tensor([rank if write_errors else world_size]), dist.ReduceOp.MIN).item()
-        if first_failed < world_size:
-            if master:
-                named = {read_pointer(p) for p in ("latest", "best") if os.path.exists(os.path.join(ckpt_dir, p))}
-                if tag not in named:
-                    shutil.rmtree(os.path.join(ckpt_dir, tag), ignore_errors=True)
-                for f in (os.path.join(ckpt_dir, pointer), os.path.join(out_dir, f"model_{'best' if pointer == 'best' else 'last'}.pt")):
-                    if os.path.exists(f + ".tmp"):
-                        os.remove(f + ".tmp")
-            dist.barrier()
-            if rank == first_failed:
-                print(f"error: saving checkpoint {tag} failed ({write_errors[0]}; {shutil.disk_usage(out_dir).free / 2**20:.0f} MiB "
-                      f"free): the run stops; {ckpt_dir}/latest and best still name complete checkpoints", file=sys.stderr, flush=True)
-            sys.stdout.flush()
-            os._exit(1)
+    stop_if_a_write_failed(tag, pointer)
+    if master:  # commit: the pointer, then the model file
+        old = read_pointer(pointer) if os.path.exists(os.path.join(ckpt_dir, pointer)) else None
+        try_write(write_atomic, os.path.join(ckpt_dir, pointer), tag)
+        model_file.update(iter=state["iter"], val_loss=state.get("val_loss"))
+        try_write(torch_save_atomic, model_file, os.path.join(out_dir, f"model_{'best' if pointer == 'best' else 'last'}.pt"))
+    stop_if_a_write_failed(tag, pointer)
     if master:
         # rotation: a superseded best goes; iteration checkpoints beyond the newest ckpt_keep
         # go unless a pointer names them (ckpt_keep=0 keeps them all)
-        keep = {read_pointer(p) for p in ("latest", "best") if os.path.exists(os.path.join(ckpt_dir, p))}
+        keep = pointed_tags()
         iters = sorted(t for t in os.listdir(ckpt_dir) if t.startswith("iter_") and os.path.isdir(os.path.join(ckpt_dir, t)))
         stale = ([old] if old and old.startswith("best_") else []) + (iters[:-ckpt_keep] if ckpt_keep > 0 else [])
         for t in stale:
             if t not in keep:
                 shutil.rmtree(os.path.join(ckpt_dir, t), ignore_errors=True)
     dist.barrier()
+
+
+def stop_if_a_write_failed(tag, pointer):
+    """Collective: if any rank's write failed, remove what the save left (the tag, unless a
+    pointer already names it, and temporary files) and stop every rank; the first rank
+    that failed says why, in one line."""
+    first_failed = int(all_reduce(torch.tensor([rank if write_errors else world_size], device=device), dist.ReduceOp.MIN).item())
+    if first_failed == world_size:
+        return
+    free_mib = shutil.disk_usage(out_dir).free / 2**20
+    if master:
+        if tag not in pointed_tags():
+            shutil.rmtree(os.path.join(ckpt_dir, tag), ignore_errors=True)
+        for f in (os.path.join(ckpt_dir, pointer), os.path.join(out_dir, f"model_{'best' if pointer == 'best' else 'last'}.pt")):
+            if os.path.exists(f + ".tmp"):
+                os.remove(f + ".tmp")
+    dist.barrier()
+    if rank == first_failed:
+        print(f"error: saving checkpoint {tag} failed ({write_errors[0]}; {free_mib:.0f} MiB free): the run stops; "
+              f"{ckpt_dir}/latest and best still name complete checkpoints", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
 
 
 _deepspeed_save = engine.checkpoint_engine.save

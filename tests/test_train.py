@@ -1,4 +1,5 @@
 """train.py: real DeepSpeed ZeRO-3 runs of configs/tiny.py on CPU (gloo), 1 and 2 ranks."""
+import contextlib
 import math
 import os
 import re
@@ -235,3 +236,145 @@ def test_the_deepspeed_launcher_runs_it(demo_data, tmp_path):
                        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert [row["iter"] for row in metrics(f"{tmp_path}/ds") if "val_loss" in row] == [2]
+
+
+def wait_for_iter(out_dir, it, proc, limit=300):
+    deadline = time.time() + limit
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(f"{out_dir}/metrics.jsonl") and any(r.get("iter", 0) >= it for r in metrics(out_dir)):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{out_dir} never reached iteration {it}")
+
+
+def worker_pids(launcher_pid):
+    """{rank: pid} of torchrun's workers."""
+    with open(f"/proc/{launcher_pid}/task/{launcher_pid}/children") as f:
+        pids = [int(p) for p in f.read().split()]
+    ranks = {}
+    for pid in pids:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        ranks[int(env[b"RANK"])] = pid
+    return ranks
+
+
+def test_sigterm_stops_every_rank_with_a_checkpoint_and_resume_is_exact(runs, demo_data, tmp_path):
+    out_dir = f"{tmp_path}/preempted"
+    args = [f"--data_dir={demo_data}", f"--out_dir={out_dir}", *MODES["fp8_tweo"], *RUN]
+    proc = subprocess.Popen(train_cmd(2, *args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_iter(out_dir, 3, proc)
+    # the signal reaches one rank only (the ranks must agree), and a second one follows during the stop
+    rank1 = worker_pids(proc.pid)[1]
+    os.kill(rank1, signal.SIGTERM)
+    time.sleep(0.5)
+    os.kill(rank1, signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-2000:] + err[-2000:]
+    (stop,) = [r for r in metrics(out_dir) if r.get("event") == "stop"]
+    k = stop["iter"]
+    assert 3 <= k < 8, "stopped before the first periodic checkpoint"
+    assert f"stopped at iter {k}" in out
+    with open(f"{out_dir}/ckpt/latest") as f:
+        assert f.read() == f"iter_{k:07d}"
+    assert max(r["iter"] for r in metrics(out_dir)) == k
+
+    train(2, *args, "--init_from=resume")
+    rows = metrics(out_dir)
+    (resumed,) = [r for r in rows if r.get("event") == "resume"]
+    assert resumed["iter"] == k
+    after = {r["iter"]: r["loss"] for r in rows[rows.index(resumed):] if "loss" in r and "event" not in r}
+    reference = losses(metrics(runs["fp8_tweo"]))
+    assert sorted(after) == list(range(k + 1, 25))
+    diffs = [abs(after[i] - reference[i]) for i in after]
+    print(f"SIGTERM at iter {k}: max |loss - uninterrupted| over {len(after)} steps after resume = {max(diffs):.1e}")
+    assert max(diffs) == 0.0, diffs
+
+
+def fp8_state_sum(tag_dir):
+    """The same fingerprint of the FP8 scaling state as train.py logs on resume, from a checkpoint's files."""
+    model_states = sorted(f for f in os.listdir(tag_dir) if f.endswith("model_states.pt"))[0]
+    module = torch.load(os.path.join(tag_dir, model_states), weights_only=False)["module"]
+    return sum(v.double().sum().item() for k, v in module.items() if ".fp8_" in k and "saturated" not in k)
+
+
+def test_resume_on_another_number_of_ranks(runs, demo_data, tmp_path):
+    reference = losses(metrics(runs["fp8_tweo"]))  # 2 ranks, uninterrupted
+    two, one = f"{tmp_path}/two", f"{tmp_path}/one"
+    # 2 -> 1: the shared 2-rank run from its iteration-16 checkpoint
+    shutil.copytree(runs["fp8_tweo"], two)
+    with open(f"{two}/ckpt/latest", "w") as f:
+        f.write("iter_0000016")
+    # 1 -> 2: a 1-rank run to iteration 8
+    train(1, f"--data_dir={demo_data}", f"--out_dir={one}", *MODES["fp8_tweo"], *RUN, "--max_iters=8")
+    for out_dir, ranks, start in [(two, 1, 16), (one, 2, 8)]:
+        train(ranks, f"--data_dir={demo_data}", f"--out_dir={out_dir}", *MODES["fp8_tweo"], *RUN, "--init_from=resume")
+        tag = f"{out_dir}/ckpt/iter_{start:07d}"
+        assert os.path.isdir(f"{tag}/universal/zero")  # DeepSpeed's universal checkpoint, kept in the tag
+        rows = metrics(out_dir)
+        (resumed,) = [r for r in rows if r.get("event") == "resume"]
+        assert (resumed["iter"], resumed["saved_world_size"], resumed["world_size"]) == (start, 3 - ranks, ranks)
+        assert resumed["fp8_state_sum"] == pytest.approx(fp8_state_sum(tag), rel=1e-12)  # FP8 scaling state came along
+        after = {r["iter"]: r["loss"] for r in rows[rows.index(resumed):] if "loss" in r and "event" not in r}
+        assert sorted(after) == list(range(start + 1, 25))
+        worst = max(abs(after[i] - reference[i]) / reference[i] for i in after)
+        print(f"{3 - ranks} -> {ranks} ranks at iter {start}: largest relative loss difference against "
+              f"the uninterrupted 2-rank run over {len(after)} steps {worst:.2e}")
+        assert worst < 2e-2  # the tolerance of the 1-vs-2-rank test
+
+
+def test_a_run_stopped_before_its_first_checkpoint_restarts_in_place(runs, demo_data, tmp_path):
+    out_dir = tmp_path / "early"
+    out_dir.mkdir()
+    shutil.copy(f"{runs['bf16']}/run.json", out_dir)  # what a run killed before its first checkpoint leaves
+    (out_dir / "metrics.jsonl").write_text('{"iter": 1, "loss": 10.9}\n')
+    args = [f"--data_dir={demo_data}", f"--out_dir={out_dir}", *MODES["bf16"], *RUN]
+    r = train(1, *args, check=False)
+    assert r.returncode == 2 and "already holds a run; continue it with --init_from=resume" in r.stderr
+    train(1, *args, "--init_from=resume", "--max_iters=2", "--eval_interval=2", "--ckpt_interval=2")
+    rows = metrics(out_dir)
+    assert rows[0] == {"iter": 1, "loss": 10.9} and rows[1]["event"] == "resume" and rows[1]["iter"] == 0
+    with open(out_dir / "ckpt" / "latest") as f:
+        assert f.read() == "iter_0000002"
+
+
+@contextlib.contextmanager
+def tmpfs(path, size, readonly=False):
+    """A small RAM filesystem at path; the test skips where mounting is impossible (not root, no mount)."""
+    path.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}" + (",ro" if readonly else ""), "tmpfs", str(path)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({(r.stderr or r.stdout).strip()}): this test needs root and mount")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)])
+
+
+def test_out_dir_on_a_read_only_filesystem_is_refused_before_any_work(demo_data, tmp_path):
+    with tmpfs(tmp_path / "ro", "1m", readonly=True) as ro:
+        r = train(1, f"--data_dir={demo_data}", f"--out_dir={ro}/run", check=False)
+        assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+            f"error: out_dir='{ro}/run' must be a directory this user can write, or create"]
+
+
+def test_a_full_disk_during_a_checkpoint_loses_nothing(demo_data, tmp_path):
+    # a tiny-model checkpoint is ~40 MB and a model file ~6.5 MB: iteration 8's best and latest
+    # (~93 MB) fit, iteration 16's best does not
+    with tmpfs(tmp_path / "disk", "120m") as disk:
+        out_dir = f"{disk}/run"
+        args = [f"--data_dir={demo_data}", f"--out_dir={out_dir}", *MODES["bf16"], *RUN]
+        r = train(1, *args, "--max_iters=16", check=False)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1, r.stdout[-2000:] + r.stderr[-3000:]
+        assert re.match(r"error: saving checkpoint (best_)?iter_0000016 failed .* MiB free", lines[0]), lines
+        ckpt = f"{out_dir}/ckpt"
+        assert open(f"{ckpt}/latest").read() == "iter_0000008" and open(f"{ckpt}/best").read() == "best_iter_0000008"
+        assert sorted(d for d in os.listdir(ckpt) if os.path.isdir(f"{ckpt}/{d}")) == ["best_iter_0000008", "iter_0000008"]
+        assert not [f for _, _, fs in os.walk(out_dir) for f in fs if f.endswith(".tmp")]
+        for name in ("last", "best"):
+            assert torch.load(f"{out_dir}/model_{name}.pt", weights_only=True)["iter"] == 8
+        shutil.copytree(out_dir, f"{tmp_path}/copy")  # resumable, on a disk with room
+    train(1, *args[:1], f"--out_dir={tmp_path}/copy", *args[2:], "--max_iters=9", "--init_from=resume")
+    assert [r["iter"] for r in metrics(f"{tmp_path}/copy") if r.get("event") == "resume"] == [8]
