@@ -289,7 +289,7 @@ def load_trained(out_dir, ckpt="last", backend=None, device="cpu"):
             saved = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # a truncated zip, a pickle of other objects, not a torch file at all
             raise CheckpointError(f"{path} cannot be read as a PyTorch file, truncated or another format "
-                                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+                                  f"({type(e).__name__}: {(str(e).splitlines() or [''])[0].split('. ')[0]})") from None
         if not (isinstance(saved, dict) and isinstance(saved.get("model"), dict) and isinstance(saved.get("model_args"), dict)):
             raise CheckpointError(f"{path} is not a model file written by train.py (no 'model' and 'model_args')")
         state, args, extra = saved["model"], saved["model_args"], saved.get("fp8_extra_state", {})

@@ -10,6 +10,8 @@ Config: the globals below, then a config file, then --key=value overrides (confi
 Writes to out_dir: metrics.jsonl (one JSON object per line), run.json (the run's config),
 ckpt/ (DeepSpeed checkpoints: `latest` and `best` point at complete tags),
 model_last.pt and model_best.pt (consolidated bf16 weights + model args + FP8 state).
+SIGTERM or SIGINT: every rank finishes its iteration, a checkpoint is saved, exit 0.
+--init_from=resume continues from ckpt/latest, on any number of GPUs (DeepSpeed's universal checkpoint).
 """
 import json
 import math
