@@ -401,13 +401,20 @@ def save_checkpoint(tag, pointer, state):
     checkpoint. A failed write on any rank stops the run with one line, after removing
     the partial tag: pointers and model files stay as they were."""
     write_errors.clear()
-    if master and os.path.isdir(os.path.join(ckpt_dir, tag)) and tag not in pointed_tags():
-        shutil.rmtree(os.path.join(ckpt_dir, tag))  # left by an interrupted save (DeepSpeed's save begins with a barrier)
-    try_write(lambda path: engine.save_checkpoint(ckpt_dir, tag=tag, client_state=state, save_latest=False),
-              os.path.join(ckpt_dir, tag))
+    path = os.path.join(ckpt_dir, tag)
+    if master and os.path.isdir(path):  # (DeepSpeed's save begins with a barrier: the other ranks wait for this)
+        if tag in pointed_tags():  # a best saved after the checkpoint this run resumed from: kept until replaced
+            shutil.rmtree(path + ".old", ignore_errors=True)
+            os.replace(path, path + ".old")
+            for p in ("latest", "best"):
+                if os.path.exists(os.path.join(ckpt_dir, p)) and read_pointer(p) == tag:
+                    write_atomic(os.path.join(ckpt_dir, p), tag + ".old")
+        else:
+            shutil.rmtree(path)  # left by an interrupted save
+    try_write(lambda path: engine.save_checkpoint(ckpt_dir, tag=tag, client_state=state, save_latest=False), path)
     try_write(torch.save, {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if use_cuda else None,
                            "numpy": np.random.get_state(), "python": random.getstate()},
-              os.path.join(ckpt_dir, tag, f"rng_rank{rank}.pt"))
+              os.path.join(path, f"rng_rank{rank}.pt"))
     model_file = consolidated_state()
     stop_if_a_write_failed(tag, pointer)
     if master:  # commit: the pointer, then the model file

@@ -301,21 +301,24 @@ def fp8_state_sum(tag_dir):
 def test_resume_on_another_number_of_ranks(runs, demo_data, tmp_path):
     reference = losses(metrics(runs["fp8_tweo"]))  # 2 ranks, uninterrupted
     two, one = f"{tmp_path}/two", f"{tmp_path}/one"
-    # 2 -> 1: the shared 2-rank run from its iteration-16 checkpoint
-    shutil.copytree(runs["fp8_tweo"], two)
+    # 2 -> 1: the shared 2-rank run as it was after its iteration-16 checkpoint
+    os.makedirs(f"{two}/ckpt")
+    shutil.copy(f"{runs['fp8_tweo']}/run.json", two)
+    shutil.copytree(f"{runs['fp8_tweo']}/ckpt/iter_0000016", f"{two}/ckpt/iter_0000016")
     with open(f"{two}/ckpt/latest", "w") as f:
         f.write("iter_0000016")
     # 1 -> 2: a 1-rank run to iteration 8
     train(1, f"--data_dir={demo_data}", f"--out_dir={one}", *MODES["fp8_tweo"], *RUN, "--max_iters=8")
     for out_dir, ranks, start in [(two, 1, 16), (one, 2, 8)]:
-        train(ranks, f"--data_dir={demo_data}", f"--out_dir={out_dir}", *MODES["fp8_tweo"], *RUN, "--init_from=resume")
         tag = f"{out_dir}/ckpt/iter_{start:07d}"
-        assert os.path.isdir(f"{tag}/universal/zero")  # DeepSpeed's universal checkpoint, kept in the tag
+        saved_fp8_state = fp8_state_sum(tag)
+        r = train(ranks, f"--data_dir={demo_data}", f"--out_dir={out_dir}", *MODES["fp8_tweo"], *RUN, "--init_from=resume")
+        assert f"converting it to a universal checkpoint: -m deepspeed.checkpoint.ds_to_universal --input_folder={tag}" in r.stdout
         rows = metrics(out_dir)
-        (resumed,) = [r for r in rows if r.get("event") == "resume"]
+        (resumed,) = [row for row in rows if row.get("event") == "resume"]
         assert (resumed["iter"], resumed["saved_world_size"], resumed["world_size"]) == (start, 3 - ranks, ranks)
-        assert resumed["fp8_state_sum"] == pytest.approx(fp8_state_sum(tag), rel=1e-12)  # FP8 scaling state came along
-        after = {r["iter"]: r["loss"] for r in rows[rows.index(resumed):] if "loss" in r and "event" not in r}
+        assert resumed["fp8_state_sum"] == pytest.approx(saved_fp8_state, rel=1e-12)  # the FP8 scaling state came along
+        after = {row["iter"]: row["loss"] for row in rows[rows.index(resumed):] if "loss" in row and "event" not in row}
         assert sorted(after) == list(range(start + 1, 25))
         worst = max(abs(after[i] - reference[i]) / reference[i] for i in after)
         print(f"{3 - ranks} -> {ranks} ranks at iter {start}: largest relative loss difference against "
