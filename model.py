@@ -276,6 +276,10 @@ class CheckpointError(Exception):
     pass
 
 
+def _first_sentence(e):
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0].split('. ')[0]}"
+
+
 def load_trained(out_dir, ckpt="last", backend=None, device="cpu"):
     """A trained GPT from out_dir: the consolidated model_{ckpt}.pt that train.py writes,
     or, when ckpt is a DeepSpeed checkpoint tag or folder, the ZeRO-3 shards themselves
@@ -289,7 +293,7 @@ def load_trained(out_dir, ckpt="last", backend=None, device="cpu"):
             saved = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # a truncated zip, a pickle of other objects, not a torch file at all
             raise CheckpointError(f"{path} cannot be read as a PyTorch file, truncated or another format "
-                                  f"({type(e).__name__}: {(str(e).splitlines() or [''])[0].split('. ')[0]})") from None
+                                  f"({_first_sentence(e)})") from None
         if not (isinstance(saved, dict) and isinstance(saved.get("model"), dict) and isinstance(saved.get("model_args"), dict)):
             raise CheckpointError(f"{path} is not a model file written by train.py (no 'model' and 'model_args')")
         state, args, extra = saved["model"], saved["model_args"], saved.get("fp8_extra_state", {})
@@ -343,12 +347,11 @@ def _load_zero_checkpoint(out_dir, ckpt):
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     root, tag = os.path.split(os.path.abspath(tag_dir))
-    progress = io.StringIO()  # DeepSpeed reports progress on stdout: to stderr, unless it fails
+    progress = io.StringIO()  # DeepSpeed's progress (stdout and stderr): shown on stderr, unless it fails
     try:
-        with contextlib.redirect_stdout(progress):
+        with contextlib.redirect_stdout(progress), contextlib.redirect_stderr(progress):
             state = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
     except Exception as e:  # truncated shards, missing files, another kind of checkpoint
-        raise CheckpointError(f"{tag_dir} is not a readable DeepSpeed checkpoint "
-                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise CheckpointError(f"{tag_dir} is not a readable DeepSpeed checkpoint ({_first_sentence(e)})") from None
     sys.stderr.write(progress.getvalue())
     return dict(state), args, {"config": config, "iter": None, "val_loss": None}
