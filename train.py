@@ -115,8 +115,8 @@ def die(msg, status=2):
 tokens_per_micro_step = micro_batch_size * block_size * world_size
 
 
-def te_usable(backend):
-    if precision != "fp8" or backend != "te":
+def te_usable(fp8_backend):
+    if precision != "fp8" or fp8_backend != "te":
         return True
     from precision import te_available
     return te_available()[0]
