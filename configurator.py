@@ -8,6 +8,9 @@ its type; anything else is a ConfigError naming the closest valid key.
 
 A config file is plain Python: assignments, and `from configs.sizes.xl import *` to share
 settings. Names starting with an underscore and imported modules are ignored.
+
+Types are checked here; ranges by each script's own table of rules, rows of
+(key, test(value), what the value must be), read top to bottom by first_violation().
 """
 import ast
 import difflib
@@ -79,6 +82,40 @@ def configure(defaults, argv):
                     raise ConfigError(f"'{arg}': cannot read {text!r} as a {type(defaults[key]).__name__}") from None
             config[key] = _checked(key, value, defaults, f"'{arg}'")
     return config
+
+
+def one_of(*values):
+    """A rule for an enumeration: the exact value, case included (the same rule in every script)."""
+    return (lambda v: v in values), "one of " + ", ".join(map(repr, values))
+
+
+def writable_dir(path):
+    """path is a directory this process can write, or can be created as one."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
+
+
+def usable_device(name):
+    """'cpu', or 'cuda' / 'cuda:N' on a machine with that GPU."""
+    import torch
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
+    return device.type == "cpu"
+
+
+def first_violation(config, rules):
+    """The first rule in `rules` that config breaks, as one line, or None. A rule is
+    (key, test(value) -> bool, what the value must be: text, or a callable giving it)."""
+    for key, test, must in rules:
+        if not test(config[key]):
+            return f"{key}={config[key]!r} must be {must() if callable(must) else must}"
+    return None
 
 
 def configure_or_exit(defaults, argv):

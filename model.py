@@ -15,6 +15,7 @@ Paper: "TWEO: Transformers Without Extreme Outliers", Sec. 3.3 (the loss) and 4.
 Importing this file never imports transformer_engine or deepspeed.
 """
 import contextlib
+import io
 import math
 import os
 import sys
@@ -317,6 +318,10 @@ class CheckpointError(Exception):
     pass
 
 
+def _first_sentence(e):
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0].split('. ')[0]}"
+
+
 def load_trained(out_dir, ckpt="last", backend=None, device="cpu"):
     """A trained GPT from out_dir: the consolidated model_{ckpt}.pt that train.py writes,
     or, when ckpt is a DeepSpeed checkpoint tag or folder, the ZeRO-3 shards themselves
@@ -326,26 +331,38 @@ def load_trained(out_dir, ckpt="last", backend=None, device="cpu"):
 
     path = os.path.join(out_dir, f"model_{ckpt}.pt")
     if os.path.isfile(path):
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a truncated zip, a pickle of other objects, not a torch file at all
+            raise CheckpointError(f"{path} cannot be read as a PyTorch file, truncated or another format "
+                                  f"({_first_sentence(e)})") from None
+        if not (isinstance(saved, dict) and isinstance(saved.get("model"), dict) and isinstance(saved.get("model_args"), dict)):
+            raise CheckpointError(f"{path} is not a model file written by train.py (no 'model' and 'model_args')")
         state, args, extra = saved["model"], saved["model_args"], saved.get("fp8_extra_state", {})
         info = {k: saved.get(k) for k in ("config", "iter", "val_loss")}
     else:
         state, args, info = _load_zero_checkpoint(out_dir, ckpt)
         extra = {}
-    model = GPT(GPTConfig(**args), backend)
+        path = os.path.join(out_dir, "ckpt", ckpt)
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: the model state holds something other than tensors")
+    try:
+        model = GPT(GPTConfig(**args), backend)
+    except Exception as e:  # unknown keys, or values no GPT has
+        raise CheckpointError(f"{path}: model arguments {args} do not describe a GPT ({type(e).__name__}: {e})") from None
     model.to(device=device, dtype=torch.bfloat16)  # as under DeepSpeed bf16 ...
     keep_fp8_state_fp32(model)  # ... with the FP8 scaling state in fp32, loaded below without rounding
     expected = model.state_dict()
     for k, v in state.items():
         if k in expected and expected[k].shape != v.shape:
-            raise CheckpointError(f"{k} has shape {tuple(v.shape)} in the checkpoint but {tuple(expected[k].shape)} "
+            raise CheckpointError(f"{path}: {k} has shape {tuple(v.shape)} in the checkpoint but {tuple(expected[k].shape)} "
                                   f"in the model: a checkpoint of another size or vocabulary")
     # FP8 scaling state only exists in FP8 models; anything else must match exactly
     state = {k: v for k, v in state.items() if ".fp8_" not in k or k in expected}
     missing, unexpected = model.load_state_dict({**state, **{k: v for k, v in extra.items() if k in expected}}, strict=False)
     missing = [k for k in missing if ".fp8_" not in k and not k.endswith("_extra_state")]
     if missing or unexpected:
-        raise CheckpointError(f"checkpoint does not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        raise CheckpointError(f"{path} does not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
     info["trained_in_fp8"] = any(".fp8_" in k for k in state) or bool(extra) or \
         (info.get("config") or {}).get("precision") == "fp8"
     return model.eval(), info
@@ -363,11 +380,20 @@ def _load_zero_checkpoint(out_dir, ckpt):
     if not os.path.isfile(run_json):
         raise CheckpointError(f"{run_json} not found: cannot tell the model's size")
     import json
-    with open(run_json) as f:
-        run = json.load(f)
+    try:
+        with open(run_json) as f:
+            run = json.load(f)
+        args, config = run["model_args"], run["config"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{run_json} is not a run.json written by train.py ({type(e).__name__})") from None
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     root, tag = os.path.split(os.path.abspath(tag_dir))
-    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed reports progress on stdout
-        state = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
-    return dict(state), run["model_args"], {"config": run["config"], "iter": None, "val_loss": None}
+    progress = io.StringIO()  # DeepSpeed's progress (stdout and stderr): shown on stderr, unless it fails
+    try:
+        with contextlib.redirect_stdout(progress), contextlib.redirect_stderr(progress):
+            state = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
+    except Exception as e:  # truncated shards, missing files, another kind of checkpoint
+        raise CheckpointError(f"{tag_dir} is not a readable DeepSpeed checkpoint ({_first_sentence(e)})") from None
+    sys.stderr.write(progress.getvalue())
+    return dict(state), args, {"config": config, "iter": None, "val_loss": None}

@@ -38,7 +38,7 @@ LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet":
 
 def fail(msg):
     print(f"error: {msg}", file=sys.stderr)
-    sys.exit(1)
+    sys.exit(2)
 
 
 # ----------------------------------------------------------------------------------------
@@ -130,6 +130,50 @@ def local_files(paths):
         except OSError as e:
             fail(f"cannot read {f}: {e.strerror}")
     return files
+
+
+def check_records(files, text_field):
+    """Every record of every .jsonl / .parquet input is an object whose text field is a
+    string, or the first one that is not is named: file, record number (from 1), field.
+    .jsonl is read line by line; .parquet by its schema (a column has one type) and its
+    row groups' null counts."""
+    for path in files:
+        ext = os.path.splitext(path)[1]
+        if ext == ".jsonl":
+            with open(path, encoding="utf-8", errors="replace") as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except ValueError as e:
+                        fail(f"{path}: record {n} is not JSON ({e.msg})")
+                    if not isinstance(record, dict):
+                        fail(f"{path}: record {n} is a JSON {type(record).__name__}, not an object with a '{text_field}' field")
+                    if text_field not in record:
+                        fail(f"{path}: record {n} has no field '{text_field}' (fields: {', '.join(record)}); pass --text_field")
+                    if not isinstance(record[text_field], str):
+                        fail(f"{path}: record {n}: field '{text_field}' is {json.dumps(record[text_field])[:40]} "
+                             f"({type(record[text_field]).__name__}), not a string")
+        elif ext == ".parquet":
+            import pyarrow.parquet as pq
+            try:
+                schema = pq.read_schema(path)
+            except Exception as e:
+                fail(f"{path} is not a readable parquet file ({type(e).__name__})")
+            if text_field not in schema.names:
+                fail(f"{path}: record 1 has no field '{text_field}' (fields: {', '.join(schema.names)}); pass --text_field")
+            kind = schema.field(text_field).type
+            if str(kind) not in ("string", "large_string"):
+                fail(f"{path}: record 1: field '{text_field}' is {kind}, not a string")
+            parquet, before = pq.ParquetFile(path), 0
+            column = parquet.schema_arrow.get_field_index(text_field)
+            for group in range(parquet.metadata.num_row_groups):
+                stats = parquet.metadata.row_group(group).column(column).statistics
+                if stats is not None and stats.has_null_count and stats.null_count:
+                    nulls = parquet.read_row_group(group, columns=[text_field]).column(0).is_null().to_pylist()
+                    fail(f"{path}: record {before + nulls.index(True) + 1}: field '{text_field}' is null, not a string")
+                before += parquet.metadata.row_group(group).num_rows
 
 
 def local_source(files):
@@ -289,6 +333,7 @@ def main(argv=None):
         source = DEMO_SOURCE
     elif args.input:
         files = local_files(args.input)
+        check_records(files, args.text_field)
         source = local_source(files)
     else:
         source = f"hub:{OWT_HUB_ID}"

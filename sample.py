@@ -12,11 +12,7 @@ of 8, which a one-token decoding step is not. --print_json prints one JSON objec
 import json
 import sys
 
-import torch
-
-from configurator import configure_or_exit
-from model import CheckpointError, load_trained
-from prepare_openwebtext import EOT, gpt2_tokenizer
+from configurator import configure_or_exit, first_violation, usable_device
 
 out_dir = "out"
 ckpt = "last"
@@ -26,11 +22,12 @@ max_new_tokens = 200
 temperature = 0.8
 top_k = 200
 seed = 1337
-device = "cuda" if torch.cuda.is_available() else "cpu"
+device = "auto"  # 'cuda' when there is a GPU, else 'cpu'; or 'cpu', 'cuda', 'cuda:N'
 print_json = False
-globals().update(configure_or_exit({k: v for k, v in globals().items() if k in (
+config = configure_or_exit({k: v for k, v in globals().items() if k in (
     "out_dir", "ckpt", "start", "num_samples", "max_new_tokens", "temperature", "top_k", "seed", "device", "print_json")},
-    sys.argv[1:]))
+    sys.argv[1:])
+globals().update(config)
 
 
 def fail(msg):
@@ -38,8 +35,25 @@ def fail(msg):
     sys.exit(2)
 
 
-if num_samples < 1 or max_new_tokens < 1 or temperature <= 0 or top_k < 1:
-    fail("num_samples, max_new_tokens and top_k must be >= 1, and temperature > 0")
+problem = first_violation(config, [  # (key, test(value), what the value must be), the first broken rule stops
+    ("ckpt", lambda v: v != "", "'last', 'best', or a DeepSpeed checkpoint tag or folder"),
+    ("num_samples", lambda v: v >= 1, ">= 1"),
+    ("max_new_tokens", lambda v: v >= 1, ">= 1"),
+    ("temperature", lambda v: 0 < v < float("inf"), "> 0 and finite"),
+    ("top_k", lambda v: v >= 1, ">= 1"),
+    ("seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+    ("device", lambda v: v == "auto" or usable_device(v), "'auto', 'cpu', or 'cuda[:N]' with that GPU present"),
+])
+if problem:
+    fail(problem)
+
+import torch  # noqa: E402
+
+from model import CheckpointError, load_trained  # noqa: E402
+from prepare_openwebtext import EOT, gpt2_tokenizer  # noqa: E402
+
+if device == "auto":
+    device = "cuda" if torch.cuda.is_available() else "cpu"
 if start.startswith("FILE:"):
     try:
         with open(start[5:], encoding="utf-8") as f:
@@ -49,7 +63,7 @@ if start.startswith("FILE:"):
 try:
     enc = gpt2_tokenizer()
     model, info = load_trained(out_dir, ckpt, device=device)
-except (CheckpointError, RuntimeError) as e:
+except (CheckpointError, RuntimeError) as e:  # RuntimeError: no tokenizer
     fail(str(e))
 if model.config.vocab_size < enc.n_vocab:
     fail(f"the model's vocabulary ({model.config.vocab_size}) is smaller than GPT-2's ({enc.n_vocab})")

@@ -10,6 +10,8 @@ Config: the globals below, then a config file, then --key=value overrides (confi
 Writes to out_dir: metrics.jsonl (one JSON object per line), run.json (the run's config),
 ckpt/ (DeepSpeed checkpoints: `latest` and `best` point at complete tags),
 model_last.pt and model_best.pt (consolidated bf16 weights + model args + FP8 state).
+SIGTERM or SIGINT: every rank finishes its iteration, a checkpoint is saved, exit 0.
+--init_from=resume continues from ckpt/latest, on any number of GPUs (DeepSpeed's universal checkpoint).
 """
 import json
 import math
@@ -17,15 +19,14 @@ import os
 import random
 import resource
 import shutil
+import signal
 import socket
+import subprocess
 import sys
 import time
 import warnings
 
-import numpy as np
-import torch
-
-from configurator import configure_or_exit
+from configurator import configure_or_exit, first_violation, one_of, writable_dir
 
 # -----------------------------------------------------------------------------
 # run
@@ -93,48 +94,109 @@ argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 config = configure_or_exit({k: globals()[k] for k in config_keys}, argv)
 globals().update(config)
 
-# dense peak TFLOP/s per GPU for MFU: (bf16, fp8)
-GPU_PEAK_TFLOPS = {"H100": (989, 1979), "H800": (989, 1979), "H200": (989, 1979), "H20": (148, 296),
-                   "A100": (312, None), "A800": (312, None), "L40S": (362, 733), "B200": (2250, 4500)}
-
 rank = int(os.environ.get("RANK", 0))
 local_rank = int(os.environ.get("LOCAL_RANK", 0))
 world_size = int(os.environ.get("WORLD_SIZE", 1))
 master = rank == 0
-use_cuda = torch.cuda.is_available()
 
 
-def die(msg):
-    """One line, nonzero exit, nothing written (every rank finds the same problem)."""
+def die(msg, status=2):
+    """One line on stderr and a nonzero exit (every rank finds the same problem): status 2
+    for bad input, found before anything is written; 1 for a failure during the run."""
     if master:
-        print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+    if "torch.distributed" in sys.modules and sys.modules["torch.distributed"].is_initialized():
+        sys.stdout.flush()
+        os._exit(status)  # without DeepSpeed's CPU comm teardown, which can abort (see the end)
+    sys.exit(status)
 
 
-# ---- check everything before any work or any write -------------------------
+# ---- every value checked before any work or any write ----------------------------
+# One row per rule, (key, test(value), what the value must be), read top to bottom; the
+# first broken rule stops the run. A new key adds its row here. Checked before torch and
+# DeepSpeed are even imported.
+tokens_per_micro_step = micro_batch_size * block_size * world_size
+
+
+def te_usable(fp8_backend):
+    if precision != "fp8" or fp8_backend != "te":
+        return True
+    from precision import te_available
+    return te_available()[0]
+
+
+def te_missing():
+    from precision import te_available
+    return (f"'auto' or 'emulated' here: 'te' needs Transformer Engine on a CUDA GPU with compute capability "
+            f">= 8.9 ({te_available()[1]}); 'emulated' has the same numerics on any device")
+
+
+CHECKS = [
+    ("out_dir", writable_dir, "a directory this user can write, or create"),
+    ("init_from", *one_of("scratch", "resume")),
+    ("seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+    ("n_layer", lambda v: v >= 1, ">= 1"),
+    ("n_head", lambda v: v >= 1, ">= 1"),
+    ("n_embd", lambda v: v >= 1 and v % n_head == 0, f"a positive multiple of n_head={n_head}"),
+    ("block_size", lambda v: v >= 1, ">= 1"),
+    ("vocab_size", lambda v: v >= 1, ">= 1 (and hold the data's tokens, checked with the data)"),
+    ("dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("micro_batch_size", lambda v: v >= 1, ">= 1"),
+    ("total_batch_tokens", lambda v: v >= 1 and v % tokens_per_micro_step == 0,
+     f"a positive multiple of micro_batch_size x block_size x GPUs = {micro_batch_size} x {block_size} x "
+     f"{world_size} = {tokens_per_micro_step}"),
+    ("max_iters", lambda v: v >= 1, ">= 1"),
+    ("learning_rate", lambda v: 0 <= v < math.inf, ">= 0 and finite"),
+    ("min_lr", lambda v: 0 <= v <= learning_rate, f"in [0, learning_rate={learning_rate:g}]"),
+    ("warmup_iters", lambda v: v >= 0, ">= 0"),
+    ("lr_decay_iters", lambda v: v >= 1, ">= 1"),
+    ("weight_decay", lambda v: v >= 0, ">= 0"),
+    ("beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("grad_clip", lambda v: v >= 0, ">= 0 (0: no clipping)"),
+    ("precision", *one_of("bf16", "fp8")),
+    ("fp8_backend", *one_of("auto", "te", "emulated")),
+    ("fp8_backend", te_usable, te_missing),
+    ("fp8_recipe", *one_of("delayed", "current")),
+    ("fp8_amax_history_len", lambda v: v >= 1, ">= 1"),
+    ("fp8_amax_compute_algo", *one_of("max", "most_recent")),
+    ("tweo_lambda", lambda v: v >= 0, ">= 0 (0: off)"),
+    ("tweo_tau", lambda v: v > 0, "> 0"),
+    ("tweo_p", lambda v: v > 0, "> 0"),
+    ("tweo_schedule", *one_of("constant", "cosine")),
+    ("zero_stage", *one_of(0, 1, 2, 3)),
+    ("eval_interval", lambda v: v >= 1, ">= 1"),
+    ("eval_iters", lambda v: v >= 1, ">= 1"),
+    ("log_interval", lambda v: v >= 1, ">= 1"),
+    ("act_stats_interval", lambda v: v >= 0, ">= 0 (0: off)"),
+    ("ckpt_interval", lambda v: v >= 1, ">= 1"),
+    ("ckpt_keep", lambda v: v >= 0, ">= 0 (0 keeps every checkpoint)"),
+    ("wandb_project", lambda v: v != "", "a name"),
+    ("wandb_mode", *one_of("online", "offline")),
+    ("collapse_factor", lambda v: v > 1, "> 1"),
+    ("inject_nan_iter", lambda v: v >= -1, ">= -1 (-1: off)"),
+    ("clipped_softmax_gamma", lambda v: v <= 0, "<= 0 (0: off; -alpha / block_size, Bondarenko et al.)"),
+    ("clipped_softmax_zeta", lambda v: v >= 1, ">= 1"),
+]
+problem = first_violation(config, CHECKS)
+if problem:
+    die(problem)
+grad_accum = total_batch_tokens // tokens_per_micro_step
+
+# dense peak TFLOP/s per GPU for MFU: (bf16, fp8)
+GPU_PEAK_TFLOPS = {"H100": (989, 1979), "H800": (989, 1979), "H200": (989, 1979), "H20": (148, 296),
+                   "A100": (312, None), "A800": (312, None), "L40S": (362, 733), "B200": (2250, 4500)}
+
+# ---- the data and out_dir, still before any write ---------------------------------
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
 import data as D  # noqa: E402
 from model import GPTConfig  # noqa: E402
 from precision import make_backend, te_available  # noqa: E402
 
+use_cuda = torch.cuda.is_available()
 ckpt_dir = os.path.join(out_dir, "ckpt")
-tokens_per_micro_step = micro_batch_size * block_size * world_size
-if total_batch_tokens % tokens_per_micro_step:
-    die(f"total_batch_tokens={total_batch_tokens} is not a multiple of micro_batch_size x block_size x GPUs "
-        f"= {micro_batch_size} x {block_size} x {world_size} = {tokens_per_micro_step}")
-grad_accum = total_batch_tokens // tokens_per_micro_step
-if init_from not in ("scratch", "resume"):
-    die(f"init_from must be 'scratch' or 'resume', got {init_from!r}")
-if tweo_schedule not in ("constant", "cosine"):
-    die(f"tweo_schedule must be 'constant' or 'cosine', got {tweo_schedule!r}")
-if wandb_mode not in ("online", "offline"):
-    die(f"wandb_mode must be 'online' or 'offline', got {wandb_mode!r}")
-if precision not in ("bf16", "fp8") or fp8_backend not in ("auto", "te", "emulated"):
-    die(f"precision must be 'bf16' or 'fp8' and fp8_backend 'auto', 'te' or 'emulated' (got {precision!r}, {fp8_backend!r})")
-if clipped_softmax_gamma > 0 or clipped_softmax_zeta < 1:
-    die(f"clipped_softmax_gamma must be <= 0 and clipped_softmax_zeta >= 1 (got {clipped_softmax_gamma}, {clipped_softmax_zeta})")
-if precision == "fp8" and fp8_backend == "te" and not te_available()[0]:
-    die(f"fp8_backend='te' needs Transformer Engine on a CUDA GPU with compute capability >= 8.9: "
-        f"{te_available()[1]}. Use --fp8_backend=emulated (same numerics, any device).")
 try:
     train_data = D.open_split(data_dir, "train", block_size, vocab_size)
     val_data = D.open_split(data_dir, "val", block_size, vocab_size)
@@ -147,19 +209,27 @@ model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=bloc
 run_json = os.path.join(out_dir, "run.json")
 if init_from == "scratch" and (os.path.exists(run_json) or os.path.exists(ckpt_dir)):
     die(f"{out_dir} already holds a run; continue it with --init_from=resume, or choose another out_dir")
+resume_tag, convert_from = None, None  # the checkpoint to resume from; its world size when it differs from ours
 if init_from == "resume":
-    latest = os.path.join(ckpt_dir, "latest")
-    if not os.path.exists(latest):
-        die(f"nothing to resume: {latest} does not exist")
-    if not os.path.exists(run_json):
-        die(f"{run_json} is missing: cannot check that the checkpoint fits this model")
-    with open(run_json) as f:
-        previous = json.load(f)
-    previous_args = {**vars(GPTConfig()), **previous["model_args"]}  # an option newer than the run: its default
-    changed = {k: (previous_args.get(k), v) for k, v in model_args.items()
-               if previous_args.get(k) != v and k != "activation_checkpointing"}
+    try:
+        with open(run_json) as f:
+            previous = {**vars(GPTConfig()), **json.load(f)["model_args"]}  # an option newer than the run: its default
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        die(f"{run_json} is missing or unreadable ({type(e).__name__}): cannot check that the checkpoint fits this model")
+    changed = {k: (previous.get(k), v) for k, v in model_args.items()
+               if previous.get(k) != v and k != "activation_checkpointing"}
     if changed:
         die(f"{out_dir} holds a run of another model ({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in changed.items())})")
+    if os.path.exists(os.path.join(ckpt_dir, "latest")):  # else stopped before its first checkpoint: start over
+        with open(os.path.join(ckpt_dir, "latest")) as f:
+            resume_tag = f.read().strip()
+        # DeepSpeed writes one optimizer shard per data-parallel rank
+        saved_world = len([f for f in os.listdir(os.path.join(ckpt_dir, resume_tag)) if f.endswith("optim_states.pt")]) \
+            if os.path.isdir(os.path.join(ckpt_dir, resume_tag)) else 0
+        if saved_world == 0:
+            die(f"{ckpt_dir}/latest names {resume_tag!r}, which holds no DeepSpeed checkpoint")
+        if saved_world != world_size:
+            convert_from = saved_world
 
 # ---- distributed setup -------------------------------------------------------
 if not use_cuda:
@@ -184,6 +254,47 @@ torch.manual_seed(seed)  # identical initial weights on every rank and for any w
 np.random.seed(seed)
 random.seed(seed)
 
+
+def all_reduce(t, op=dist.ReduceOp.SUM):
+    if world_size > 1:
+        dist.all_reduce(t, op=op)
+    return t
+
+
+# Preemption (SIGTERM) and Ctrl-C (SIGINT) only raise a flag; the ranks agree on it once per
+# iteration, finish that iteration, save a checkpoint and exit 0. A second signal changes nothing.
+stop_request = None
+
+
+def request_stop(signum, frame):
+    global stop_request
+    stop_request = stop_request or signal.Signals(signum).name
+
+
+for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, request_stop)
+
+if convert_from:
+    # saved on another number of ranks: DeepSpeed's universal checkpoint reshards it. Made
+    # once, by rank 0, and kept inside the tag (so it goes when the tag is rotated out)
+    universal = os.path.join(ckpt_dir, resume_tag, "universal")
+    convert = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+               f"--input_folder={os.path.join(ckpt_dir, resume_tag)}", f"--output_folder={universal}"]
+    failed = torch.zeros(1, device=device)
+    if master and not os.path.isdir(universal):
+        print(f"{ckpt_dir}/{resume_tag} was saved on {convert_from} rank(s) and this run has {world_size}: "
+              f"converting it to a universal checkpoint: {' '.join(convert[1:])}", flush=True)
+        shutil.rmtree(universal + ".tmp", ignore_errors=True)
+        r = subprocess.run(convert[:-1] + [f"--output_folder={universal}.tmp"], capture_output=True, text=True)
+        if r.returncode == 0:
+            os.replace(universal + ".tmp", universal)
+        else:
+            failed[0] = 1
+            print((r.stdout + r.stderr)[-3000:], file=sys.stderr)
+    if all_reduce(failed, dist.ReduceOp.MAX).item():
+        die(f"converting {ckpt_dir}/{resume_tag} to a universal checkpoint failed (above); "
+            f"after fixing the cause run `{' '.join(convert)}` and resume again", status=1)
+
 backend = make_backend(precision, fp8_backend, fp8_recipe, fp8_amax_history_len, fp8_amax_compute_algo, device.type)
 if master and precision == "fp8" and backend.name == "emulated" and use_cuda:
     print("warning: FP8 is emulated (Transformer Engine unavailable: %s); numerics as TE, speed not" % te_available()[1])
@@ -197,6 +308,7 @@ ds_config = {
     "zero_optimization": {"stage": zero_stage, "stage3_gather_16bit_weights_on_model_save": True},
     "steps_per_print": 1 << 30,
     "wall_clock_breakdown": False,
+    "checkpoint": {"load_universal": bool(convert_from)},
 }
 with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero_stage == 3):
     model = GPT(GPTConfig(**model_args), backend)
@@ -224,12 +336,6 @@ from precision import keep_fp8_state_fp32  # noqa: E402
 keep_fp8_state_fp32(raw_model)  # DeepSpeed casts float buffers to bf16; scales and amaxes stay fp32
 
 
-def all_reduce(t, op=dist.ReduceOp.SUM):
-    if world_size > 1:
-        dist.all_reduce(t, op=op)
-    return t
-
-
 def autocast():
     return backend.autocast(raw_model)
 
@@ -250,15 +356,37 @@ def get_tweo_lambda(it):
 
 
 # ---- checkpoints ---------------------------------------------------------------
+write_errors = []  # this rank's failed checkpoint writes since the save began
+
+
+def try_write(write, *args):
+    """A checkpoint write whose failure (a full disk, a lost mount) is recorded for
+    save_checkpoint to act on, not raised: DeepSpeed's save runs collectives after its
+    writes, which every rank must still reach when the disk fails on some of them."""
+    try:
+        write(*args)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        write_errors.append(f"{args[-1]}: {e.strerror if isinstance(e, OSError) else str(e).splitlines()[0]}")
+
+
 def write_atomic(path, text):
     with open(path + ".tmp", "w") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
 
 
+def torch_save_atomic(obj, path):
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
 def read_pointer(name):
     with open(os.path.join(ckpt_dir, name)) as f:
         return f.read().strip()
+
+
+def pointed_tags():
+    return {read_pointer(p) for p in ("latest", "best") if os.path.exists(os.path.join(ckpt_dir, p))}
 
 
 def consolidated_state():
@@ -274,25 +402,38 @@ def consolidated_state():
 
 
 def save_checkpoint(tag, pointer, state):
-    """DeepSpeed checkpoint under ckpt/tag, then the pointer file `latest` or `best` is
-    moved to it atomically once every rank has finished, so a crash mid-save leaves the
-    pointer at the previous complete checkpoint. Also writes the consolidated model file."""
-    engine.save_checkpoint(ckpt_dir, tag=tag, client_state=state, save_latest=False)
-    torch.save({"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if use_cuda else None,
-                "numpy": np.random.get_state(), "python": random.getstate()},
-               os.path.join(ckpt_dir, tag, f"rng_rank{rank}.pt"))
+    """DeepSpeed checkpoint under ckpt/tag; then, once every rank has written everything,
+    the pointer file `latest` or `best` is moved to it atomically and the consolidated
+    model file replaced, so a crash mid-save leaves both at the previous complete
+    checkpoint. A failed write on any rank stops the run with one line, after removing
+    the partial tag: pointers and model files stay as they were."""
+    write_errors.clear()
+    path = os.path.join(ckpt_dir, tag)
+    if master and os.path.isdir(path):  # (DeepSpeed's save begins with a barrier: the other ranks wait for this)
+        if tag in pointed_tags():  # a best saved after the checkpoint this run resumed from: kept until replaced
+            shutil.rmtree(path + ".old", ignore_errors=True)
+            os.replace(path, path + ".old")
+            for p in ("latest", "best"):
+                if os.path.exists(os.path.join(ckpt_dir, p)) and read_pointer(p) == tag:
+                    write_atomic(os.path.join(ckpt_dir, p), tag + ".old")
+        else:
+            shutil.rmtree(path)  # left by an interrupted save
+    try_write(lambda path: engine.save_checkpoint(ckpt_dir, tag=tag, client_state=state, save_latest=False), path)
+    try_write(torch.save, {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if use_cuda else None,
+                           "numpy": np.random.get_state(), "python": random.getstate()},
+              os.path.join(path, f"rng_rank{rank}.pt"))
     model_file = consolidated_state()
-    dist.barrier()
-    if master:
-        name = os.path.join(out_dir, f"model_{'best' if pointer == 'best' else 'last'}.pt")
-        model_file.update(iter=state["iter"], val_loss=state.get("val_loss"))
-        torch.save(model_file, name + ".tmp")
-        os.replace(name + ".tmp", name)
+    stop_if_a_write_failed(tag, pointer)
+    if master:  # commit: the pointer, then the model file
         old = read_pointer(pointer) if os.path.exists(os.path.join(ckpt_dir, pointer)) else None
-        write_atomic(os.path.join(ckpt_dir, pointer), tag)
+        try_write(write_atomic, os.path.join(ckpt_dir, pointer), tag)
+        model_file.update(iter=state["iter"], val_loss=state.get("val_loss"))
+        try_write(torch_save_atomic, model_file, os.path.join(out_dir, f"model_{'best' if pointer == 'best' else 'last'}.pt"))
+    stop_if_a_write_failed(tag, pointer)
+    if master:
         # rotation: a superseded best goes; iteration checkpoints beyond the newest ckpt_keep
         # go unless a pointer names them (ckpt_keep=0 keeps them all)
-        keep = {read_pointer(p) for p in ("latest", "best") if os.path.exists(os.path.join(ckpt_dir, p))}
+        keep = pointed_tags()
         iters = sorted(t for t in os.listdir(ckpt_dir) if t.startswith("iter_") and os.path.isdir(os.path.join(ckpt_dir, t)))
         stale = ([old] if old and old.startswith("best_") else []) + (iters[:-ckpt_keep] if ckpt_keep > 0 else [])
         for t in stale:
@@ -301,17 +442,46 @@ def save_checkpoint(tag, pointer, state):
     dist.barrier()
 
 
+def stop_if_a_write_failed(tag, pointer):
+    """Collective: if any rank's write failed, remove what the save left (the tag, unless a
+    pointer already names it, and temporary files) and stop every rank; the first rank
+    that failed says why, in one line."""
+    first_failed = int(all_reduce(torch.tensor([rank if write_errors else world_size], device=device), dist.ReduceOp.MIN).item())
+    if first_failed == world_size:
+        return
+    free_mib = shutil.disk_usage(out_dir).free / 2**20
+    if master:
+        if tag not in pointed_tags():
+            shutil.rmtree(os.path.join(ckpt_dir, tag), ignore_errors=True)
+        for f in (os.path.join(ckpt_dir, pointer), os.path.join(out_dir, f"model_{'best' if pointer == 'best' else 'last'}.pt")):
+            if os.path.exists(f + ".tmp"):
+                os.remove(f + ".tmp")
+    dist.barrier()
+    if rank == first_failed:
+        print(f"error: saving checkpoint {tag} failed ({write_errors[0]}; {free_mib:.0f} MiB free): the run stops; "
+              f"{ckpt_dir}/latest and best still name complete checkpoints", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
+
+
+_deepspeed_save = engine.checkpoint_engine.save
+engine.checkpoint_engine.save = lambda state_dict, path: try_write(_deepspeed_save, state_dict, path)
+
+
 # ---- logging -------------------------------------------------------------------
 metrics_path = os.path.join(out_dir, "metrics.jsonl")
 wandb_run = None
 
 
 def log_metrics(row):
-    global wandb_run
+    global wandb_run, stop_request
     if not master:
         return
-    with open(metrics_path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    try:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    except OSError as e:  # a full disk: stop like on a signal, with a checkpoint if one still fits
+        stop_request = stop_request or f"a failed write to {metrics_path} ({e.strerror})"
     if wandb_run is not None:
         try:
             flat = {k: v for k, v in row.items() if not isinstance(v, (dict, list))}
@@ -348,21 +518,45 @@ def peak_flops():
 
 
 # ---- start or resume ---------------------------------------------------------------
+def fp8_state_sum():
+    """A fingerprint of the FP8 scaling state (scales and amax histories), logged on resume."""
+    return sum(b.double().sum().item() for n, b in raw_model.named_buffers() if ".fp8_" in n and "saturated" not in n)
+
+
 iter_num, best_val_loss, best_train_loss, act_peak, wandb_id = 0, float("inf"), float("inf"), 0.0, None
-if init_from == "resume":
-    tag = read_pointer("latest")
-    _, client = engine.load_checkpoint(ckpt_dir, tag=tag)  # copies into the fp32 FP8 buffers as they are
+if resume_tag:
+    if convert_from:
+        _, client = engine.load_checkpoint(os.path.join(ckpt_dir, resume_tag), tag="universal")
+        # a universal checkpoint restores parameters and optimizer state; the module's buffers
+        # (the FP8 scaling state) and TE's extra state come from the model states themselves
+        model_states = sorted(f for f in os.listdir(os.path.join(ckpt_dir, resume_tag)) if f.endswith("model_states.pt"))
+        saved = torch.load(os.path.join(ckpt_dir, resume_tag, model_states[0]), map_location=device, weights_only=False)["module"]
+        for n, b in raw_model.named_buffers():
+            b.copy_(saved[n])
+        for n, m in raw_model.named_modules():
+            if hasattr(m, "fp8_meta") and n + "._extra_state" in saved:
+                m.set_extra_state(saved[n + "._extra_state"])
+    else:
+        _, client = engine.load_checkpoint(ckpt_dir, tag=resume_tag)  # copies into the fp32 FP8 buffers as they are
     iter_num, best_val_loss, best_train_loss = client["iter"], client["best_val_loss"], client["best_train_loss"]
     act_peak, wandb_id = client["act_peak"], client.get("wandb_id")
-    rng = torch.load(os.path.join(ckpt_dir, tag, f"rng_rank{rank}.pt"), weights_only=False)
+    # every rank starts from the same seed, so a rank the checkpoint did not have takes rank 0's state
+    rng_file = os.path.join(ckpt_dir, resume_tag, f"rng_rank{rank}.pt")
+    rng = torch.load(rng_file if os.path.exists(rng_file) else os.path.join(ckpt_dir, resume_tag, "rng_rank0.pt"), weights_only=False)
     torch.set_rng_state(rng["torch"])
     if use_cuda and rng["cuda"] is not None:
         torch.cuda.set_rng_state(rng["cuda"])
     np.random.set_state(rng["numpy"])
     random.setstate(rng["python"])
     if master:
-        print(f"resuming from {ckpt_dir}/{tag} at iter {iter_num}")
-        log_metrics({"iter": iter_num, "event": "resume", "tag": tag})
+        print(f"resuming from {ckpt_dir}/{resume_tag} at iter {iter_num}"
+              + (f" (saved on {convert_from} ranks, loaded through its universal checkpoint)" if convert_from else ""))
+    log_metrics({"iter": iter_num, "event": "resume", "tag": resume_tag, "saved_world_size": convert_from or world_size,
+                 "world_size": world_size, "fp8_state_sum": fp8_state_sum()})
+elif init_from == "resume":
+    if master:
+        print(f"{out_dir} was stopped before its first checkpoint: starting again from iter 0")
+    log_metrics({"iter": 0, "event": "resume", "tag": None, "world_size": world_size})
 elif master:
     os.makedirs(out_dir, exist_ok=True)
     write_atomic(run_json, json.dumps({"config": config, "model_args": model_args, "world_size": world_size}, indent=2))
@@ -423,7 +617,7 @@ while iter_num < max_iters:
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
     offsets = D.train_offsets(seed, iter_num, n_windows, len(train_data), block_size)
-    sums = torch.zeros(2, device=device)  # task loss, TWEO term, summed over micro-steps
+    sums = torch.zeros(3, device=device)  # task loss, TWEO term (summed over micro-steps), ranks asked to stop
     for micro_step in range(grad_accum):
         x, y = D.get_batch(train_data, D.rank_slice(offsets, micro_step, rank, world_size, micro_batch_size),
                            block_size, device)
@@ -431,13 +625,15 @@ while iter_num < max_iters:
             out = engine(x, y, with_tweo=lam > 0)
         task_loss = out.loss * float("nan") if iter_num == inject_nan_iter else out.loss
         loss = task_loss + lam * out.tweo_loss if lam > 0 else task_loss
-        sums += torch.stack([task_loss.detach().float(), out.tweo_loss.detach().float()])
+        sums[:2] += torch.stack([task_loss.detach().float(), out.tweo_loss.detach().float()])
         interval_act_max = torch.fmax(interval_act_max, out.act_max)  # a NaN does not hide the finite peak
         if micro_step == grad_accum - 1:
             # the one host sync per iteration: the global loss decides on a collapse before
-            # the last backward; poisoning that backward makes DeepSpeed skip the update
-            loss_global = all_reduce(sums.clone()) / (grad_accum * world_size)
-            train_loss, tweo_value = loss_global.tolist()
+            # the last backward (poisoning that backward makes DeepSpeed skip the update), and
+            # the ranks agree on a stop, since a signal reaches them at different times
+            sums[2] = stop_request is not None
+            loss_sum, tweo_sum, stop_votes = all_reduce(sums.clone()).tolist()
+            train_loss, tweo_value = loss_sum / (grad_accum * world_size), tweo_sum / (grad_accum * world_size)
             collapsed = not math.isfinite(train_loss) or train_loss > collapse_factor * best_train_loss
             if collapsed:
                 loss = loss * float("nan")
@@ -500,8 +696,14 @@ while iter_num < max_iters:
             save_checkpoint(f"best_iter_{iter_num:07d}", "best", client_state(val_loss=val_loss))
             wandb_summary(best_val_loss=val_loss, best_val_ppl=math.exp(val_loss), best_iter=iter_num)
 
-    if iter_num % ckpt_interval == 0 or iter_num == max_iters:
+    if iter_num % ckpt_interval == 0 or iter_num == max_iters or stop_votes:
         save_checkpoint(f"iter_{iter_num:07d}", "latest", client_state())
+    if stop_votes:
+        if master:
+            print(f"stopped at iter {iter_num} on {stop_request or 'a signal to another rank'}; "
+                  f"checkpoint {ckpt_dir}/iter_{iter_num:07d}; continue with --init_from=resume", flush=True)
+        log_metrics({"iter": iter_num, "event": "stop", "signal": stop_request})
+        break
 
 if master:
     wandb_summary(act_peak=act_peak, final_iter=iter_num)

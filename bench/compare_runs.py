@@ -15,13 +15,28 @@ import statistics
 import sys
 
 
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
 def summarize(out_dir):
-    with open(os.path.join(out_dir, "run.json")) as f:
-        config = json.load(f)["config"]
+    run_json, metrics = os.path.join(out_dir, "run.json"), os.path.join(out_dir, "metrics.jsonl")
+    try:
+        with open(run_json) as f:
+            config = json.load(f)["config"]
+        config = {"precision": config["precision"], "tweo_lambda": float(config["tweo_lambda"])}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        fail(f"{run_json} is missing or not a run.json written by train.py ({type(e).__name__})")
     rows = []
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        for line in f:
-            rows.append(json.loads(line))
+    with open(metrics) as f:
+        for n, line in enumerate(f, 1):
+            try:
+                rows.append(json.loads(line))
+            except ValueError as e:
+                fail(f"{metrics}: line {n} is not JSON ({e.msg})")
+            if not isinstance(rows[-1], dict) or not isinstance(rows[-1].get("iter"), int):
+                fail(f"{metrics}: line {n} has no integer field 'iter'")
     collapse = next((r["iter"] for r in rows if r.get("event") == "collapse"), None)
     evals = [r for r in rows if "val_loss" in r and (collapse is None or r["iter"] <= collapse)]
     train = [r for r in rows if "iter_per_hour" in r]
@@ -43,10 +58,10 @@ def fmt(v, spec):
 def main(argv):
     dirs = [a for a in argv if not a.startswith("--")]
     if not dirs:
-        sys.exit("usage: python bench/compare_runs.py RUN_DIR [RUN_DIR …] [--json]")
+        fail("usage: python bench/compare_runs.py RUN_DIR [RUN_DIR …] [--json]")
     missing = [d for d in dirs if not os.path.isfile(os.path.join(d, "metrics.jsonl"))]
     if missing:
-        sys.exit(f"error: no metrics.jsonl in {', '.join(missing)}")
+        fail(f"no metrics.jsonl in {', '.join(missing)}")
     runs = [summarize(d) for d in dirs]
     base = runs[0]["iter_per_hour"]
     print(f"{'run':<24} {'mode':<10} {'iters':>6} {'best PPL':>9} {'last PPL':>9} {'collapse':>8} {'peak |act|':>10} "

@@ -41,9 +41,8 @@ def main(argv):
         if os.path.exists(os.path.join(out_dir, "model_last.pt")) and done >= max_iters:
             print(f"== {mode}: already trained ({out_dir}), skipping")
             continue
-        resume = ["--init_from=resume"] if os.path.exists(os.path.join(out_dir, "ckpt", "latest")) else []
-        if not resume and os.path.exists(out_dir):
-            sys.exit(f"error: {out_dir} holds an unfinished run without a checkpoint; remove it (make clean) and rerun")
+        # an unfinished run continues from its last checkpoint (from the start if it has none)
+        resume = ["--init_from=resume"] if os.path.exists(os.path.join(out_dir, "run.json")) else []
         print(f"== {mode}: training configs/tiny.py for {max_iters} iterations -> {out_dir}" + (" (resuming)" if resume else ""),
               flush=True)
         cmd = [sys.executable, "train.py", "configs/tiny.py", f"--out_dir={out_dir}", *flags, *schedule, *resume]

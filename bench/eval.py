@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import data as D  # noqa: E402
-from configurator import configure_or_exit  # noqa: E402
+from configurator import configure_or_exit, first_violation, one_of, usable_device  # noqa: E402
 from model import CheckpointError, load_trained, record_activations, summarize_moments  # noqa: E402
 from precision import make_backend  # noqa: E402
 
@@ -44,32 +44,49 @@ def evaluate(model, val_data, offsets, block_size, micro_batch_size, backend, tr
     return result
 
 
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
     defaults = dict(out_dir="out", precision="", eval_iters=0, ckpt="last", json=False, data_dir="",
                     device="cuda" if torch.cuda.is_available() else "cpu")
     cfg = configure_or_exit(defaults, argv)
+    problem = first_violation(cfg, [  # (key, test(value), what the value must be), the first broken rule stops
+        ("precision", *one_of("", "bf16", "fp8")),
+        ("eval_iters", lambda v: v >= 0, ">= 0 (0: the run's own eval_iters)"),
+        ("ckpt", lambda v: v != "", "'last', 'best', or a DeepSpeed checkpoint tag or folder"),
+        ("device", usable_device, "'cpu', or 'cuda[:N]' with that GPU present"),
+    ])
+    if problem:
+        fail(problem)
     run_json = os.path.join(cfg["out_dir"], "run.json")
-    if not os.path.isfile(run_json):
-        sys.exit(f"error: {run_json} not found: --out_dir must be a train.py run")
-    with open(run_json) as f:
-        run = json.load(f)["config"]
+    try:
+        with open(run_json) as f:
+            run = json.load(f)["config"]
+        run_keys = ("precision", "fp8_backend", "fp8_recipe", "fp8_amax_history_len", "fp8_amax_compute_algo",
+                    "micro_batch_size", "eval_iters", "data_dir", "seed")
+        run = {k: run[k] for k in run_keys}
+    except OSError as e:
+        fail(f"{run_json}: {e.strerror}: --out_dir must be a train.py run")
+    except (ValueError, KeyError, TypeError) as e:
+        fail(f"{run_json} is not a run.json written by train.py ({type(e).__name__}: {e})")
     precision = cfg["precision"] or run["precision"]
-    if precision not in ("bf16", "fp8"):
-        sys.exit(f"error: --precision must be bf16 or fp8, got {precision!r}")
     device_type = torch.device(cfg["device"]).type
     fp8_backend = run["fp8_backend"] if device_type == "cuda" else "emulated"
-    backend = make_backend(precision, fp8_backend, run["fp8_recipe"], run["fp8_amax_history_len"],
-                           run["fp8_amax_compute_algo"], device_type)
     try:
+        backend = make_backend(precision, fp8_backend, run["fp8_recipe"], run["fp8_amax_history_len"],
+                               run["fp8_amax_compute_algo"], device_type)
         model, info = load_trained(cfg["out_dir"], cfg["ckpt"], backend=backend, device=cfg["device"])
-    except CheckpointError as e:
-        sys.exit(f"error: {e}")
+    except (CheckpointError, ValueError, RuntimeError) as e:
+        fail(e)
     block_size, micro = model.config.block_size, run["micro_batch_size"]
     eval_iters = cfg["eval_iters"] or run["eval_iters"]
     try:
         val_data = D.open_split(cfg["data_dir"] or run["data_dir"], "val", block_size, model.config.vocab_size)
     except D.DataError as e:
-        sys.exit(f"error: {e}")
+        fail(e)
     offsets = D.val_offsets(run["seed"], eval_iters * micro, len(val_data), block_size)
     result = evaluate(model, val_data, offsets, block_size, micro, backend)
     result.update(out_dir=cfg["out_dir"], ckpt=cfg["ckpt"], iter=info.get("iter"), precision=precision,

@@ -28,3 +28,15 @@ def test_best_ppl_is_taken_before_a_collapse(runs, tmp_path, capsys):
         f.write(json.dumps({"iter": 26, "val_loss": 0.1, "val_ppl": math.exp(0.1)}) + "\n")  # after it: ignored
     (r,) = compare([str(run)])
     assert r["collapsed_at"] == 25 and r["best_val_ppl"] > math.exp(1)
+
+
+def test_a_malformed_metrics_line_is_named_in_one_line(runs, tmp_path, capsys):
+    run = tmp_path / "broken"
+    shutil.copytree(runs["bf16"], run, ignore=shutil.ignore_patterns("ckpt", "*.pt", "wandb"))
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"iter": 25, "loss": 3.0\n')  # a line cut short, as by a full disk
+    with pytest.raises(SystemExit) as e:
+        compare([str(run)])
+    n = len(metrics(runs["bf16"])) + 1
+    assert e.value.code == 2 and capsys.readouterr().err.splitlines() == [
+        f"error: {run}/metrics.jsonl: line {n} is not JSON (Expecting ',' delimiter)"]

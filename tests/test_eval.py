@@ -88,3 +88,22 @@ def test_the_evaluation_hook_applies_a_transform(runs):
         return m
     hurt = evaluate(model, val, offsets, cfg["block_size"], 8, backend, transform=zero_last_mlp)
     assert hurt["val_loss"] != plain["val_loss"] and "layers" in hurt
+
+
+@pytest.mark.parametrize("case", ["precision", "truncated shard", "foreign run.json"])
+def test_bad_input_is_one_line_naming_the_file(runs, tmp_path, case):
+    run = tmp_path / "run"
+    if case == "precision":
+        args, message = [f"--out_dir={runs['bf16']}", "--precision=FP8"], "precision='FP8' must be one of '', 'bf16', 'fp8'"
+    elif case == "truncated shard":  # straight from the ZeRO-3 shards, one of them cut short
+        shutil.copytree(runs["bf16"], run, ignore=shutil.ignore_patterns("wandb"))
+        shard = run / "ckpt" / "iter_0000024" / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
+        shard.write_bytes(shard.read_bytes()[:1000])
+        args, message = [f"--out_dir={run}", "--ckpt=iter_0000024"], f"{run}/ckpt/iter_0000024 is not a readable DeepSpeed checkpoint"
+    else:
+        run.mkdir()
+        (run / "run.json").write_text('{"config": {"precision": "bf16"}}')
+        args, message = [f"--out_dir={run}"], f"{run}/run.json is not a run.json written by train.py (KeyError"
+    r = subprocess.run([sys.executable, "bench/eval.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), r.stderr

@@ -83,7 +83,7 @@ def test_rerun_is_safe_and_other_data_is_never_overwritten(tmp_path):
     assert r.returncode == 0 and "nothing to do" in r.stdout
     (tmp_path / "x.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
     r = prepare("--input", str(tmp_path / "x.jsonl"), out)
-    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         f"error: {tmp_path}/d already holds other data; pass --overwrite to replace it, or choose another --out_dir"]
     assert (tmp_path / "d" / "train.bin").stat().st_mtime_ns == before
     r = prepare("--input", str(tmp_path / "x.jsonl"), out, "--overwrite", "--val_fraction=0.5")
@@ -99,7 +99,7 @@ def test_bad_corpora_get_one_clear_error(tmp_path, case):
         f.write_text(content)
     r = prepare("--input", str(f), f"--out_dir={tmp_path}/out")
     lines = r.stderr.strip().splitlines()
-    assert r.returncode == 1 and lines[-1].startswith("error:"), r.stderr
+    assert r.returncode == 2 and lines[-1].startswith("error:"), r.stderr
     assert not (tmp_path / "out" / "train.bin").exists()
 
 
@@ -111,7 +111,7 @@ def test_unreadable_file(tmp_path):
         f.unlink()
         f.symlink_to(tmp_path / "locked.txt")  # a link loop
     r = prepare("--input", str(f), f"--out_dir={tmp_path}/out")
-    assert r.returncode == 1 and r.stderr.strip().startswith("error:") and "locked.txt" in r.stderr
+    assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "locked.txt" in r.stderr
 
 
 def test_token_ids_beyond_uint16_are_refused(tmp_path):
@@ -122,3 +122,24 @@ def test_token_ids_beyond_uint16_are_refused(tmp_path):
     assert P.write_bin(datasets.Dataset.from_dict({"ids": [[1, 65535]], "len": [2]}), str(tmp_path / "ok.bin")) == 2
     os.remove(tmp_path / "ok.bin.tmp")
     assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("in.jsonl", '{"text": "a"}\n{"text": "b"}\n{"text": 5}\n', "record 3: field 'text' is 5 (int), not a string"),
+    ("in.jsonl", '{"text": "a"}\n[1, 2]\n', "record 2 is a JSON list, not an object with a 'text' field"),
+    ("in.jsonl", '{"text": "a"}\n{"text": null}\n', "record 2: field 'text' is null (NoneType), not a string"),
+    ("in.jsonl", '{"text": "a"}\n{"body": "b"}\n', "record 2 has no field 'text' (fields: body); pass --text_field"),
+    ("in.parquet", {"text": [1, 2]}, "record 1: field 'text' is int64, not a string"),
+    ("in.parquet", {"text": ["a", "b", None, "d"]}, "record 3: field 'text' is null, not a string"),
+])
+def test_a_record_of_the_wrong_type_is_named_by_file_record_and_field(tmp_path, name, content, message):
+    f = tmp_path / name
+    if name.endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        pq.write_table(pa.table(content), f, row_group_size=2)
+    else:
+        f.write_text(content)
+    r = prepare("--input", str(f), f"--out_dir={tmp_path}/out")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: {f}: {message}"]
+    assert not (tmp_path / "out").exists()

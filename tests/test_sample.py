@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import REPO
@@ -53,3 +54,35 @@ def test_missing_and_mismatched_checkpoints_fail_clearly(runs, tmp_path):
     torch.save(small_vocab, tmp_path / "model_last.pt")
     r = sample(f"--out_dir={tmp_path}")
     assert r.returncode == 2 and "smaller than GPT-2's" in r.stderr
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--num_samples=0", "num_samples=0 must be >= 1"),
+    ("--temperature=0", "temperature=0.0 must be > 0 and finite"),
+    ("--top_k=0", "top_k=0 must be >= 1"),
+    ("--device=tpu", "device='tpu' must be 'auto', 'cpu', or 'cuda[:N]' with that GPU present"),
+])
+def test_a_value_out_of_range_is_one_line(tmp_path, arg, message):
+    r = sample(f"--out_dir={tmp_path}", arg)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: {message}"] and r.stdout == ""
+
+
+@pytest.mark.parametrize("case", ["truncated", "text", "foreign", "not tensors", "wrong model args"])
+def test_a_truncated_or_foreign_model_file_is_named_in_one_line(runs, tmp_path, case):
+    path = tmp_path / "model_last.pt"
+    real = open(f"{runs['bf16']}/model_last.pt", "rb").read()
+    saved = torch.load(f"{runs['bf16']}/model_last.pt", weights_only=True)
+    if case == "truncated":
+        path.write_bytes(real[:len(real) // 2])
+    elif case == "text":
+        path.write_text("hello")
+    elif case == "foreign":
+        torch.save({"state_dict": saved["model"]}, path)
+    elif case == "not tensors":
+        torch.save(dict(saved, model={k: 1 for k in saved["model"]}), path)
+    else:
+        torch.save(dict(saved, model_args=dict(saved["model_args"], n_experts=4)), path)
+    r = sample(f"--out_dir={tmp_path}", "--max_new_tokens=2")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {path}"), r.stderr
+    assert "Traceback" not in r.stderr

@@ -1,7 +1,9 @@
 """train.py: real DeepSpeed ZeRO-3 runs of configs/tiny.py on CPU (gloo), 1 and 2 ranks."""
+import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -127,9 +129,6 @@ def bad_input_cases(demo_data, tmp_path):
         "missing data": ([f"--data_dir={tmp_path}/nothing"], "prepare_openwebtext.py"),
         "odd-sized bin": ([f"--data_dir={odd}"], "odd number of bytes"),
         "vocab too small": ([f"--data_dir={demo_data}", "--vocab_size=1000"], "needs a vocabulary of"),
-        "batch does not divide": ([f"--data_dir={demo_data}", "--total_batch_tokens=1000"], "not a multiple of"),
-        "te without CUDA": ([f"--data_dir={demo_data}", "--precision=fp8", "--fp8_backend=te"], "Transformer Engine"),
-        "positive clipped softmax gamma": ([f"--data_dir={demo_data}", "--clipped_softmax_gamma=0.02"], "clipped_softmax_gamma must be"),
     }
 
 
@@ -140,6 +139,86 @@ def test_bad_input_one_line_nonzero_exit_nothing_written(demo_data, tmp_path):
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], (name, r.stderr)
         assert not out_dir.exists(), name
+
+
+# One case per rule of train.py's CHECKS table: (override, what the one line says). {tmp} is a
+# folder of the test, holding a file named `file`.
+RULE_CASES = [
+    ("--out_dir={tmp}/file", "out_dir='{tmp}/file' must be a directory this user can write, or create"),
+    ("--out_dir={tmp}/file/run", "out_dir='{tmp}/file/run' must be a directory"),
+    ("--init_from=Resume", "init_from='Resume' must be one of 'scratch', 'resume'"),
+    ("--seed=-1", "seed=-1 must be in [0, 2**32)"),
+    ("--n_layer=0", "n_layer=0 must be >= 1"),
+    ("--n_head=0", "n_head=0 must be >= 1"),
+    ("--n_embd=65", "n_embd=65 must be a positive multiple of n_head=2"),
+    ("--block_size=0", "block_size=0 must be >= 1"),
+    ("--vocab_size=0", "vocab_size=0 must be >= 1"),
+    ("--dropout=1.0", "dropout=1.0 must be in [0, 1)"),
+    ("--micro_batch_size=0", "micro_batch_size=0 must be >= 1"),
+    ("--total_batch_tokens=1000", "total_batch_tokens=1000 must be a positive multiple of micro_batch_size x block_size x GPUs = 8 x 64 x 1 = 512"),
+    ("--total_batch_tokens=0", "total_batch_tokens=0 must be a positive multiple"),
+    ("--max_iters=0", "max_iters=0 must be >= 1"),
+    ("--learning_rate=-0.001", "learning_rate=-0.001 must be >= 0"),
+    ("--min_lr=0.01", "min_lr=0.01 must be in [0, learning_rate=0.003]"),
+    ("--warmup_iters=-1", "warmup_iters=-1 must be >= 0"),
+    ("--lr_decay_iters=0", "lr_decay_iters=0 must be >= 1"),
+    ("--weight_decay=-0.1", "weight_decay=-0.1 must be >= 0"),
+    ("--beta1=1.0", "beta1=1.0 must be in [0, 1)"),
+    ("--beta2=-0.5", "beta2=-0.5 must be in [0, 1)"),
+    ("--grad_clip=-1.0", "grad_clip=-1.0 must be >= 0"),
+    ("--precision=BF16", "precision='BF16' must be one of 'bf16', 'fp8'"),
+    ("--fp8_backend=TE", "fp8_backend='TE' must be one of 'auto', 'te', 'emulated'"),
+    ("--precision=fp8 --fp8_backend=te", "fp8_backend='te' must be 'auto' or 'emulated' here: 'te' needs Transformer Engine"),
+    ("--fp8_recipe=Delayed", "fp8_recipe='Delayed' must be one of 'delayed', 'current'"),
+    ("--fp8_amax_history_len=0", "fp8_amax_history_len=0 must be >= 1"),
+    ("--fp8_amax_compute_algo=mean", "fp8_amax_compute_algo='mean' must be one of 'max', 'most_recent'"),
+    ("--tweo_lambda=-0.01", "tweo_lambda=-0.01 must be >= 0"),
+    ("--tweo_tau=0", "tweo_tau=0.0 must be > 0"),
+    ("--tweo_p=-4", "tweo_p=-4.0 must be > 0"),
+    ("--tweo_schedule=linear", "tweo_schedule='linear' must be one of 'constant', 'cosine'"),
+    ("--zero_stage=4", "zero_stage=4 must be one of 0, 1, 2, 3"),
+    ("--eval_interval=0", "eval_interval=0 must be >= 1"),
+    ("--eval_iters=0", "eval_iters=0 must be >= 1"),
+    ("--log_interval=0", "log_interval=0 must be >= 1"),
+    ("--act_stats_interval=-1", "act_stats_interval=-1 must be >= 0"),
+    ("--ckpt_interval=0", "ckpt_interval=0 must be >= 1"),
+    ("--ckpt_keep=-1", "ckpt_keep=-1 must be >= 0"),
+    ("--wandb_project=", "wandb_project='' must be a name"),
+    ("--wandb_mode=disabled", "wandb_mode='disabled' must be one of 'online', 'offline'"),
+    ("--collapse_factor=1.0", "collapse_factor=1.0 must be > 1"),
+    ("--inject_nan_iter=-2", "inject_nan_iter=-2 must be >= -1"),
+    ("--clipped_softmax_gamma=0.02", "clipped_softmax_gamma=0.02 must be <= 0"),
+    ("--clipped_softmax_zeta=0.5", "clipped_softmax_zeta=0.5 must be >= 1"),
+]
+# keys without a range: booleans, free names, and data_dir (checked with the data itself)
+UNRANGED = {"data_dir", "bias", "attn_bias", "activation_checkpointing", "wandb_log", "wandb_run_name", "stop_on_collapse"}
+
+
+def train_source_keys():
+    """(every config key of train.py, the keys its CHECKS table has rules for), from its source."""
+    with open(os.path.join(REPO, "train.py")) as f:
+        src = f.read()
+    defaults = src[src.index("# run\n"):src.index("config_keys = ")]
+    table = src[src.index("CHECKS = ["):src.index("problem = first_violation(config, CHECKS)")]
+    return set(re.findall(r"^(\w+) = ", defaults, re.M)), set(re.findall(r'^    \("(\w+)",', table, re.M))
+
+
+def test_every_key_has_a_rule_and_every_rule_a_case():
+    keys, ruled = train_source_keys()
+    assert keys - ruled == UNRANGED, "a config key without a rule in train.py's CHECKS (or a stale UNRANGED)"
+    assert {case.split("=")[0].removeprefix("--") for case, _ in RULE_CASES} >= ruled
+
+
+@pytest.mark.parametrize("case, message", RULE_CASES, ids=[c for c, _ in RULE_CASES])
+def test_a_value_out_of_range_stops_before_any_work(demo_data, tmp_path, case, message):
+    (tmp_path / "file").write_text("not a folder")
+    args = [f"--data_dir={demo_data}", f"--out_dir={tmp_path}/run"] + case.format(tmp=tmp_path).split()
+    r = subprocess.run([sys.executable, "train.py", "configs/tiny.py", *args], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message.format(tmp=tmp_path)}"), r.stderr
+    assert r.stdout == ""  # DeepSpeed never started
+    assert not (tmp_path / "run").exists() and (tmp_path / "file").read_text() == "not a folder"
 
 
 def test_an_out_dir_holding_a_run_is_never_overwritten(runs, demo_data):
@@ -175,3 +254,148 @@ def test_the_deepspeed_launcher_runs_it(demo_data, tmp_path):
                        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert [row["iter"] for row in metrics(f"{tmp_path}/ds") if "val_loss" in row] == [2]
+
+
+def wait_for_iter(out_dir, it, proc, limit=300):
+    deadline = time.time() + limit
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(f"{out_dir}/metrics.jsonl") and any(r.get("iter", 0) >= it for r in metrics(out_dir)):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{out_dir} never reached iteration {it}")
+
+
+def worker_pids(launcher_pid):
+    """{rank: pid} of torchrun's workers."""
+    with open(f"/proc/{launcher_pid}/task/{launcher_pid}/children") as f:
+        pids = [int(p) for p in f.read().split()]
+    ranks = {}
+    for pid in pids:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        ranks[int(env[b"RANK"])] = pid
+    return ranks
+
+
+def test_sigterm_stops_every_rank_with_a_checkpoint_and_resume_is_exact(runs, demo_data, tmp_path):
+    out_dir = f"{tmp_path}/preempted"
+    args = [f"--data_dir={demo_data}", f"--out_dir={out_dir}", *MODES["fp8_tweo"], *RUN]
+    proc = subprocess.Popen(train_cmd(2, *args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_iter(out_dir, 3, proc)
+    # the signal reaches one rank only (the ranks must agree), and a second one follows during the stop
+    rank1 = worker_pids(proc.pid)[1]
+    os.kill(rank1, signal.SIGTERM)
+    time.sleep(0.5)
+    os.kill(rank1, signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-2000:] + err[-2000:]
+    (stop,) = [r for r in metrics(out_dir) if r.get("event") == "stop"]
+    k = stop["iter"]
+    assert 3 <= k < 8, "stopped before the first periodic checkpoint"
+    assert f"stopped at iter {k}" in out
+    with open(f"{out_dir}/ckpt/latest") as f:
+        assert f.read() == f"iter_{k:07d}"
+    assert max(r["iter"] for r in metrics(out_dir)) == k
+
+    train(2, *args, "--init_from=resume")
+    rows = metrics(out_dir)
+    (resumed,) = [r for r in rows if r.get("event") == "resume"]
+    assert resumed["iter"] == k
+    after = {r["iter"]: r["loss"] for r in rows[rows.index(resumed):] if "loss" in r and "event" not in r}
+    reference = losses(metrics(runs["fp8_tweo"]))
+    assert sorted(after) == list(range(k + 1, 25))
+    diffs = [abs(after[i] - reference[i]) for i in after]
+    print(f"SIGTERM at iter {k}: max |loss - uninterrupted| over {len(after)} steps after resume = {max(diffs):.1e}")
+    assert max(diffs) == 0.0, diffs
+
+
+def fp8_state_sum(tag_dir):
+    """The same fingerprint of the FP8 scaling state as train.py logs on resume, from a checkpoint's files."""
+    model_states = sorted(f for f in os.listdir(tag_dir) if f.endswith("model_states.pt"))[0]
+    module = torch.load(os.path.join(tag_dir, model_states), weights_only=False)["module"]
+    return sum(v.double().sum().item() for k, v in module.items() if ".fp8_" in k and "saturated" not in k)
+
+
+def test_resume_on_another_number_of_ranks(runs, demo_data, tmp_path):
+    reference = losses(metrics(runs["fp8_tweo"]))  # 2 ranks, uninterrupted
+    two, one = f"{tmp_path}/two", f"{tmp_path}/one"
+    # 2 -> 1: the shared 2-rank run as it was after its iteration-16 checkpoint
+    os.makedirs(f"{two}/ckpt")
+    shutil.copy(f"{runs['fp8_tweo']}/run.json", two)
+    shutil.copytree(f"{runs['fp8_tweo']}/ckpt/iter_0000016", f"{two}/ckpt/iter_0000016")
+    with open(f"{two}/ckpt/latest", "w") as f:
+        f.write("iter_0000016")
+    # 1 -> 2: a 1-rank run to iteration 8
+    train(1, f"--data_dir={demo_data}", f"--out_dir={one}", *MODES["fp8_tweo"], *RUN, "--max_iters=8")
+    for out_dir, ranks, start in [(two, 1, 16), (one, 2, 8)]:
+        tag = f"{out_dir}/ckpt/iter_{start:07d}"
+        saved_fp8_state = fp8_state_sum(tag)
+        r = train(ranks, f"--data_dir={demo_data}", f"--out_dir={out_dir}", *MODES["fp8_tweo"], *RUN, "--init_from=resume")
+        assert f"converting it to a universal checkpoint: -m deepspeed.checkpoint.ds_to_universal --input_folder={tag}" in r.stdout
+        rows = metrics(out_dir)
+        (resumed,) = [row for row in rows if row.get("event") == "resume"]
+        assert (resumed["iter"], resumed["saved_world_size"], resumed["world_size"]) == (start, 3 - ranks, ranks)
+        assert resumed["fp8_state_sum"] == pytest.approx(saved_fp8_state, rel=1e-12)  # the FP8 scaling state came along
+        after = {row["iter"]: row["loss"] for row in rows[rows.index(resumed):] if "loss" in row and "event" not in row}
+        assert sorted(after) == list(range(start + 1, 25))
+        worst = max(abs(after[i] - reference[i]) / reference[i] for i in after)
+        print(f"{3 - ranks} -> {ranks} ranks at iter {start}: largest relative loss difference against "
+              f"the uninterrupted 2-rank run over {len(after)} steps {worst:.2e}")
+        assert worst < 2e-2  # the tolerance of the 1-vs-2-rank test
+
+
+def test_a_run_stopped_before_its_first_checkpoint_restarts_in_place(runs, demo_data, tmp_path):
+    out_dir = tmp_path / "early"
+    out_dir.mkdir()
+    shutil.copy(f"{runs['bf16']}/run.json", out_dir)  # what a run killed before its first checkpoint leaves
+    (out_dir / "metrics.jsonl").write_text('{"iter": 1, "loss": 10.9}\n')
+    args = [f"--data_dir={demo_data}", f"--out_dir={out_dir}", *MODES["bf16"], *RUN]
+    r = train(1, *args, check=False)
+    assert r.returncode == 2 and "already holds a run; continue it with --init_from=resume" in r.stderr
+    train(1, *args, "--init_from=resume", "--max_iters=2", "--eval_interval=2", "--ckpt_interval=2")
+    rows = metrics(out_dir)
+    assert rows[0] == {"iter": 1, "loss": 10.9} and rows[1]["event"] == "resume" and rows[1]["iter"] == 0
+    with open(out_dir / "ckpt" / "latest") as f:
+        assert f.read() == "iter_0000002"
+
+
+@contextlib.contextmanager
+def tmpfs(path, size, readonly=False):
+    """A small RAM filesystem at path; the test skips where mounting is impossible (not root, no mount)."""
+    path.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}" + (",ro" if readonly else ""), "tmpfs", str(path)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({(r.stderr or r.stdout).strip()}): this test needs root and mount")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)])
+
+
+def test_out_dir_on_a_read_only_filesystem_is_refused_before_any_work(demo_data, tmp_path):
+    with tmpfs(tmp_path / "ro", "1m", readonly=True) as ro:
+        r = train(1, f"--data_dir={demo_data}", f"--out_dir={ro}/run", check=False)
+        assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+            f"error: out_dir='{ro}/run' must be a directory this user can write, or create"]
+
+
+def test_a_full_disk_during_a_checkpoint_loses_nothing(demo_data, tmp_path):
+    # a tiny-model checkpoint is ~40 MB and a model file ~6.5 MB: iteration 8's best and latest
+    # (~93 MB) fit, iteration 16's best does not
+    with tmpfs(tmp_path / "disk", "120m") as disk:
+        out_dir = f"{disk}/run"
+        args = [f"--data_dir={demo_data}", f"--out_dir={out_dir}", *MODES["bf16"], *RUN]
+        r = train(1, *args, "--max_iters=16", check=False)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1, r.stdout[-2000:] + r.stderr[-3000:]
+        assert re.match(r"error: saving checkpoint (best_)?iter_0000016 failed .* MiB free", lines[0]), lines
+        ckpt = f"{out_dir}/ckpt"
+        assert open(f"{ckpt}/latest").read() == "iter_0000008" and open(f"{ckpt}/best").read() == "best_iter_0000008"
+        assert sorted(d for d in os.listdir(ckpt) if os.path.isdir(f"{ckpt}/{d}")) == ["best_iter_0000008", "iter_0000008"]
+        assert not [f for _, _, fs in os.walk(out_dir) for f in fs if f.endswith(".tmp")]
+        for name in ("last", "best"):
+            assert torch.load(f"{out_dir}/model_{name}.pt", weights_only=True)["iter"] == 8
+        shutil.copytree(out_dir, f"{tmp_path}/copy")  # resumable, on a disk with room
+    train(1, *args[:1], f"--out_dir={tmp_path}/copy", *args[2:], "--max_iters=9", "--init_from=resume")
+    assert [r["iter"] for r in metrics(f"{tmp_path}/copy") if r.get("event") == "resume"] == [8]
