@@ -29,6 +29,10 @@ from model import CheckpointError, load_trained, record_activations, summarize_m
 from precision import make_backend  # noqa: E402
 
 
+class RunError(Exception):
+    pass
+
+
 def evaluate(model, val_data, offsets, block_size, micro_batch_size, backend, transform=None, stats=True):
     """Val loss over the windows at `offsets` and, with stats, per-layer outlier statistics
     of block and FFN outputs. transform: applied to the model first (e.g. a quantizer)."""
@@ -44,33 +48,40 @@ def evaluate(model, val_data, offsets, block_size, micro_batch_size, backend, tr
     return result
 
 
+def open_run(out_dir, ckpt="last", precision="", device="cpu", eval_iters=0, data_dir=""):
+    """A train.py run's model and its val windows: (model, backend, precision, info, val_data,
+    offsets, micro_batch_size). precision defaults to the run's own; FP8 is emulated off CUDA.
+    Raises RunError, CheckpointError or data.DataError."""
+    run_json = os.path.join(out_dir, "run.json")
+    if not os.path.isfile(run_json):
+        raise RunError(f"{run_json} not found: --out_dir must be a train.py run")
+    with open(run_json) as f:
+        run = json.load(f)["config"]
+    precision = precision or run["precision"]
+    if precision not in ("bf16", "fp8"):
+        raise RunError(f"--precision must be bf16 or fp8, got {precision!r}")
+    device_type = torch.device(device).type
+    fp8_backend = run["fp8_backend"] if device_type == "cuda" else "emulated"
+    backend = make_backend(precision, fp8_backend, run["fp8_recipe"], run["fp8_amax_history_len"],
+                           run["fp8_amax_compute_algo"], device_type)
+    model, info = load_trained(out_dir, ckpt, backend=backend, device=device)
+    block_size, micro = model.config.block_size, run["micro_batch_size"]
+    val_data = D.open_split(data_dir or run["data_dir"], "val", block_size, model.config.vocab_size)
+    offsets = D.val_offsets(run["seed"], (eval_iters or run["eval_iters"]) * micro, len(val_data), block_size)
+    return model, backend, precision, info, val_data, offsets, micro
+
+
 def main(argv):
     defaults = dict(out_dir="out", precision="", eval_iters=0, ckpt="last", json=False, data_dir="",
                     device="cuda" if torch.cuda.is_available() else "cpu")
     cfg = configure_or_exit(defaults, argv)
-    run_json = os.path.join(cfg["out_dir"], "run.json")
-    if not os.path.isfile(run_json):
-        sys.exit(f"error: {run_json} not found: --out_dir must be a train.py run")
-    with open(run_json) as f:
-        run = json.load(f)["config"]
-    precision = cfg["precision"] or run["precision"]
-    if precision not in ("bf16", "fp8"):
-        sys.exit(f"error: --precision must be bf16 or fp8, got {precision!r}")
-    device_type = torch.device(cfg["device"]).type
-    fp8_backend = run["fp8_backend"] if device_type == "cuda" else "emulated"
-    backend = make_backend(precision, fp8_backend, run["fp8_recipe"], run["fp8_amax_history_len"],
-                           run["fp8_amax_compute_algo"], device_type)
     try:
-        model, info = load_trained(cfg["out_dir"], cfg["ckpt"], backend=backend, device=cfg["device"])
-    except CheckpointError as e:
-        sys.exit(f"error: {e}")
-    block_size, micro = model.config.block_size, run["micro_batch_size"]
-    eval_iters = cfg["eval_iters"] or run["eval_iters"]
-    try:
-        val_data = D.open_split(cfg["data_dir"] or run["data_dir"], "val", block_size, model.config.vocab_size)
-    except D.DataError as e:
-        sys.exit(f"error: {e}")
-    offsets = D.val_offsets(run["seed"], eval_iters * micro, len(val_data), block_size)
+        model, backend, precision, info, val_data, offsets, micro = open_run(
+            cfg["out_dir"], cfg["ckpt"], cfg["precision"], cfg["device"], cfg["eval_iters"], cfg["data_dir"])
+    except (RunError, CheckpointError, D.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    block_size = model.config.block_size
     result = evaluate(model, val_data, offsets, block_size, micro, backend)
     result.update(out_dir=cfg["out_dir"], ckpt=cfg["ckpt"], iter=info.get("iter"), precision=precision,
                   windows=len(offsets))
