@@ -28,6 +28,7 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker as ticker  # noqa: E402
 import torch  # noqa: E402
 
 from bench.runs import latest_by_iter, parse_args, read_run  # noqa: E402
@@ -61,9 +62,10 @@ def curve(ax, x, y, **kw):
     return line
 
 
-def mark_collapse(ax, s, label):
+def mark_collapse(ax, s, label, color):
+    """A dotted vertical line, in the run's colour, at the iteration where it collapsed."""
     if s["collapse_iter"] is not None:
-        ax.axvline(s["collapse_iter"], color="red", linestyle=":", linewidth=1.2, gid="collapse",
+        ax.axvline(s["collapse_iter"], color=color, linestyle=":", linewidth=1.5, gid="collapse",
                    label=f"{label}: collapse at iter {s['collapse_iter']}")
 
 
@@ -100,8 +102,8 @@ def fig_act_max(summaries, names, rows_by_run, precision, title):
     for s, name in zip(summaries, names):
         if s["precision"] == precision:
             x, y = act_max_series(rows_by_run[s["out_dir"]])
-            curve(ax, x, y, label=name, color="tab:orange" if s["tweo"] else "tab:blue" if not s["variant"] else None)
-            mark_collapse(ax, s, name)
+            color = curve(ax, x, y, label=name).get_color()
+            mark_collapse(ax, s, name, color)
     ax.set_yscale("log")
     ax.set_xlabel("iteration")
     ax.set_ylabel("max " + MAGNITUDE + "\nover layers, per log interval")
@@ -162,17 +164,21 @@ def fig_loss_ppl(summaries, names, rows_by_run):
         curve(ppl_ax, [r["iter"] for r in evals], [math.exp(min(r["val_loss"], 700)) for r in evals], marker="o",
               color=color, label=name)
         for ax in (loss_ax, ppl_ax):
-            mark_collapse(ax, s, name)
+            mark_collapse(ax, s, name, color)
     loss_ax.set_ylabel("training loss (nats/token)")
     loss_ax.set_title("Training loss")
     ppl_ax.set_yscale("log")
+    # plain numbers at 1-2-5 steps: a PPL axis spans one or two decades, where 10^x labels read badly
+    ppl_ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ppl_ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ppl_ax.yaxis.set_minor_formatter(ticker.NullFormatter())
     ppl_ax.set_ylabel("validation perplexity")
     ppl_ax.set_title("Validation PPL (log scale)")
     for ax in (loss_ax, ppl_ax):
         ax.set_xlabel("iteration")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize="small")
-    fig.suptitle("Training loss and validation PPL; a dotted red line marks a collapse")
+    fig.suptitle("Training loss and validation PPL; a dotted line marks a collapse")
     return fig
 
 

@@ -92,11 +92,11 @@ def cell(summary, notes):
         return "-"
     text = f"{summary['ppl']:.2f}"
     if summary["collapse_iter"] is not None:
-        notes.append(f"# {summary['out_dir']}: training collapsed at iter {summary['collapse_iter']}; "
+        notes.append(f"#: {summary['out_dir']}: training collapsed at iter {summary['collapse_iter']}; "
                      f"we report the best checkpoint before collapsing (iter {summary['ppl_iter']}).")
         return text + " #"
     if not summary["finished"]:
-        notes.append(f"† {summary['out_dir']}: stopped at iter {summary['last_iter']} of {summary['max_iters']} "
+        notes.append(f"†: {summary['out_dir']}: stopped at iter {summary['last_iter']} of {summary['max_iters']} "
                      f"without a collapse; its last evaluation (iter {summary['ppl_iter']}).")
         return text + " †"
     return text
@@ -130,10 +130,11 @@ def main(argv):
         lines.append(line)
     print(markdown(header, lines))
     if any(r["first"]["variant"] for r in rows):
-        notes.insert(0, "* Invasive methods (a change to the architecture).")
+        notes.insert(0, "*: invasive methods (a change to the architecture).")
     notes.append("PPL: validation perplexity. Peak: largest |block output| during training, over the row's runs.")
     if opts["paper"]:
-        notes.append("paper: Table 2 of the TWEO paper (GPT-2 on OpenWebText, 100k steps), for the sizes it has.")
+        notes.append("paper: Table 2 of the TWEO paper (GPT-2 on OpenWebText, 100k steps) for the sizes it has; "
+                     "its # marks a collapsed run too.")
     print("\n" + "\n".join(notes))
     result = [{k: v for k, v in r.items() if k not in ("by_precision", "first")} for r in rows]
     if opts["json"]:

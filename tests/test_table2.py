@@ -47,7 +47,7 @@ def test_a_collapsed_run_is_marked_with_its_best_ppl_before_the_collapse(runs, c
     assert row["collapsed"] and row["collapse_iter"] == 11 and row["ppl_fp8"] == pytest.approx(math.exp(evals[8]))
     assert row["ppl_bf16"] == pytest.approx(last_ppl(runs["bf16"]))
     assert f"| {row['ppl_fp8']:.2f} # |" in out
-    assert f"# {collapsed_run}: training collapsed at iter 11; we report the best checkpoint before collapsing (iter 8)." in out
+    assert f"#: {collapsed_run}: training collapsed at iter 11; we report the best checkpoint before collapsing (iter 8)." in out
 
 
 def test_known_values_and_the_papers_numbers(tmp_path, capsys):
