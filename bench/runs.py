@@ -169,7 +169,7 @@ def row_name(summary):
 
 def order_key(summary):
     """Size, then the baseline, its +TWEO, then each invasive variant and its +TWEO."""
-    return (summary["params"], summary["group"][1:], summary["variant"] != "", summary["variant"], summary["tweo"])
+    return (summary["params"], summary["group"], summary["variant"] != "", summary["variant"], summary["tweo"])
 
 
 def fmt(v, spec, missing="-"):

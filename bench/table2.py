@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.runs import SCHEDULE_KEYS, fmt, markdown, order_key, parse_args, row_name  # noqa: E402
+from bench.runs import SCHEDULE_KEYS, SIZE_KEYS, fmt, markdown, order_key, parse_args, row_name  # noqa: E402
 
 USAGE = "python bench/table2.py RUN_DIR [RUN_DIR ...] [--paper] [--json]"
 # Table 2 of the paper: (PPL (FP8), PPL (BF16), Peak); None where it prints '-'. The paper
@@ -71,8 +71,8 @@ def build_rows(summaries):
 
 
 def distinction(s, namesakes):
-    """' (max_iters=30)': what sets a row apart from rows of the same name (another schedule or data)."""
-    keys = ("data_dir",) + SCHEDULE_KEYS
+    """' (max_iters=30)': what sets a row apart from rows of the same name (another shape, data or schedule)."""
+    keys = SIZE_KEYS + ("data_dir",) + SCHEDULE_KEYS
     differ = [k for k in keys if len({str(o["config"][k]) for o in namesakes}) > 1]
     config = s["config"]
     return " (" + ", ".join(f"{k}={config[k]}" for k in differ) + ")" if differ else ""
