@@ -200,6 +200,11 @@ def main(argv):
     if opts["hist_iters"] < 1:
         print("error: --hist_iters must be at least 1", file=sys.stderr)
         sys.exit(2)
+    no_model = [s["out_dir"] for s in summaries if not os.path.exists(os.path.join(s["out_dir"], "model_last.pt"))
+                and not os.path.exists(os.path.join(s["out_dir"], "ckpt", "latest"))]
+    if no_model:
+        print(f"error: {', '.join(no_model)} has no checkpoint (model_last.pt or ckpt/latest) for Figure 4", file=sys.stderr)
+        sys.exit(2)
     names = labels(summaries)
     rows_by_run = {s["out_dir"]: read_run(s["out_dir"])[1] for s in summaries}
     figures = {"fig5_act_stats.png": fig_act_stats(summaries, names, rows_by_run)}
