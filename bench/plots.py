@@ -40,11 +40,20 @@ MAGNITUDE = "|block output| (dimensionless)"
 
 
 def labels(summaries):
-    """Legend names from what the runs are: size, precision, TWEO, variant; the directory
-    name is added only where two runs would otherwise share a name."""
+    """Legend names from what the runs are: size, precision, TWEO, variant; where two runs
+    would share a name, the shortest tail of their directories that tells them apart."""
     names = [" ".join(p for p in (s["params_str"], s["mode"], s["variant"]) if p) for s in summaries]
-    return [f"{n} ({os.path.basename(os.path.normpath(s['out_dir']))})" if names.count(n) > 1 else n
-            for n, s in zip(names, summaries)]
+    parts = [os.path.normpath(os.path.abspath(s["out_dir"])).split(os.sep) for s in summaries]
+    out = []
+    for name, path in zip(names, parts):
+        namesakes = [p for n, p in zip(names, parts) if n == name]
+        if len(namesakes) == 1:
+            out.append(name)
+            continue
+        k = next((k for k in range(1, len(path) + 1) if len({"/".join(p[-k:]) for p in namesakes}) == len(namesakes)),
+                 len(path))
+        out.append(f"{name} ({'/'.join(path[-k:])})")
+    return out
 
 
 def panels(n, width=5.0, height=4.0):
@@ -54,6 +63,17 @@ def panels(n, width=5.0, height=4.0):
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     return fig, list(axes.flat[:n])
+
+
+def log_y(ax):
+    """Log y-axis with plain numbers; over less than two decades, ticks at 1-2-5 steps
+    (the default would label only one power of ten, in 10^x form)."""
+    ax.set_yscale("log")
+    low, high = ax.get_ylim()
+    if high / low < 100:
+        ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
 
 
 def curve(ax, x, y, **kw):
@@ -76,18 +96,21 @@ def fig_act_stats(summaries, names, rows_by_run):
                    if s["collapse_iter"] is None or r["iter"] < s["collapse_iter"]]
         records = [r for r in records if all(math.isfinite(layer["top1"]) for layer in r)]
         ax.set_title(f"{name}\n({len(records)} act_stats records)")
-        if records:
-            layers = range(len(records[0]))
-            for key, text in STATS:
-                curve(ax, list(layers), [max(rec[i][key] for rec in records) for i in layers], marker="o", label=text)
-            ax.set_xticks(list(layers))
-            ax.legend()
-        else:
-            ax.text(0.5, 0.5, "no act_stats records", ha="center", va="center", transform=ax.transAxes)
-        ax.set_yscale("log")
+        if not records:
+            ax.text(0.5, 0.5, "no act_stats record" + (f"\nbefore the collapse at iter {s['collapse_iter']}"
+                                                       if s["collapse_iter"] is not None else ""),
+                    ha="center", va="center", transform=ax.transAxes)
+            ax.axis("off")
+            continue
+        layers = range(len(records[0]))
+        for key, text in STATS:
+            curve(ax, list(layers), [max(rec[i][key] for rec in records) for i in layers], marker="o", label=text)
+        ax.set_xticks(list(layers))
+        log_y(ax)
         ax.set_xlabel("layer")
         ax.set_ylabel(MAGNITUDE)
         ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
     fig.suptitle("Activation magnitudes per layer, largest over training (Fig. 5)")
     return fig
 
@@ -104,7 +127,7 @@ def fig_act_max(summaries, names, rows_by_run, precision, title):
             x, y = act_max_series(rows_by_run[s["out_dir"]])
             color = curve(ax, x, y, label=name).get_color()
             mark_collapse(ax, s, name, color)
-    ax.set_yscale("log")
+    log_y(ax)
     ax.set_xlabel("iteration")
     ax.set_ylabel("max " + MAGNITUDE + "\nover layers, per log interval")
     ax.set_title(title)
@@ -144,13 +167,14 @@ def fig_act_hist(summaries, names, hist_iters, device):
         centers = [(a + b) / 2 for a, b in zip(edges, edges[1:])]
         curve(ax, centers, [c if c > 0 else float("nan") for c in counts], drawstyle="steps-mid",
               color="tab:orange" if s["tweo"] else "tab:blue", label=f"{name}, iter {it}")
-        ax.set_yscale("log")
+        log_y(ax)
         ax.set_xlabel("block output value (dimensionless)")
         ax.set_ylabel("count (values per bin)")
         ax.set_title(f"{name}\nmax |value| {edges[-1]:.3g}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize="small")
-    fig.suptitle(f"Distribution of block output values, all layers, {hist_iters} val batches (Fig. 4)")
+    fig.suptitle(f"Distribution of block output values, all layers, last checkpoint, {hist_iters} val "
+                 f"batch{'es' if hist_iters > 1 else ''} (Fig. 4); each x-axis spans ± the run's max |value|")
     return fig
 
 
@@ -167,11 +191,7 @@ def fig_loss_ppl(summaries, names, rows_by_run):
             mark_collapse(ax, s, name, color)
     loss_ax.set_ylabel("training loss (nats/token)")
     loss_ax.set_title("Training loss")
-    ppl_ax.set_yscale("log")
-    # plain numbers at 1-2-5 steps: a PPL axis spans one or two decades, where 10^x labels read badly
-    ppl_ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
-    ppl_ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    ppl_ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+    log_y(ppl_ax)
     ppl_ax.set_ylabel("validation perplexity")
     ppl_ax.set_title("Validation PPL (log scale)")
     for ax in (loss_ax, ppl_ax):

@@ -76,6 +76,6 @@ def test_two_runs_for_one_cell_and_bad_input_stop_before_any_output(runs, tmp_pa
     shutil.copytree(runs["bf16"], twin, ignore=shutil.ignore_patterns("ckpt", "*.pt"))
     for args, message in (([runs["bf16"], str(twin)], "are both the BF16 run of row"),
                           ([str(tmp_path / "nothing")], "is not a train.py run"),
-                          ([runs["bf16"], "--papper"], "did you mean 'paper'"), ([], "no run directories")):
+                          ([runs["bf16"], "--papper=True"], "did you mean 'paper'"), ([], "no run directories")):
         r = subprocess.run([sys.executable, "bench/table2.py", *args], cwd=REPO, capture_output=True, text=True)
         assert r.returncode == 2 and r.stdout == "" and message in r.stderr and len(r.stderr.splitlines()) == 1
