@@ -12,6 +12,8 @@ the run was trained in; fp8 uses the checkpoint's own FP8 scaling state.
 
 For post-training quantization work, evaluate(model, transform=...) evaluates a model
 with a transform (model -> model) applied first.
+open_run(out_dir, ...) loads a run's trained model with its val windows (bench/plots.py uses
+it for Figure 4).
 """
 import contextlib
 import json
