@@ -136,7 +136,6 @@ def summarize(out_dir):
         "collapse_iter": collapse_iter,
         "ppl": math.exp(min(reported["val_loss"], 700)) if reported else None,
         "ppl_iter": reported["iter"] if reported else None,
-        "last_val_ppl": math.exp(min(evals[-1]["val_loss"], 700)) if evals else None,
         "peak": max((r["act_peak"] for r in train), default=None),
         "s_per_iter": s_per_iter, "iters_timed": iters_timed,
         "iter_per_hour": 3600 / s_per_iter if s_per_iter else None,
