@@ -66,12 +66,14 @@ def panels(n, width=5.0, height=4.0):
 
 
 def log_y(ax):
-    """Log y-axis with plain numbers; over less than two decades, ticks at 1-2-5 steps
-    (the default would label only one power of ten, in 10^x form)."""
+    """Log y-axis with plain numbers, and ticks close enough to read values off: every
+    1..9 x 10^k within one decade, 1-2-5 steps within two (the default would label only
+    one or two powers of ten, in 10^x form)."""
     ax.set_yscale("log")
     low, high = ax.get_ylim()
     if high / low < 100:
-        ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        subs = (1.0, 2.0, 5.0) if high / low >= 10 else (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0)
+        ax.yaxis.set_major_locator(ticker.LogLocator(subs=subs))
         ax.yaxis.set_minor_formatter(ticker.NullFormatter())
     ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
 
