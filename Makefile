@@ -1,5 +1,6 @@
 # Two commands on a fresh machine with Python 3.11 and pip:
-#   make demo   CPU demo of the whole pipeline: data, BF16 / FP8 / FP8+TWEO training, table, sample
+#   make demo   CPU demo of the whole pipeline: data, BF16 / FP8 / FP8+TWEO training, Tables 2 and 10,
+#               a sample, the paper's figures (out/demo_figures)
 #   make test   the test suite
 # Everything is installed into .venv; rerunning skips what is already done.
 PYTHON ?= python3

@@ -12,6 +12,8 @@ the run was trained in; fp8 uses the checkpoint's own FP8 scaling state.
 
 For post-training quantization work, evaluate(model, transform=...) evaluates a model
 with a transform (model -> model) applied first.
+open_run(out_dir, ...) loads a run's trained model with its val windows (bench/plots.py uses
+it for Figure 4).
 """
 import contextlib
 import json
@@ -27,6 +29,10 @@ import data as D  # noqa: E402
 from configurator import configure_or_exit, first_violation, one_of, usable_device  # noqa: E402
 from model import CheckpointError, load_trained, record_activations, summarize_moments  # noqa: E402
 from precision import make_backend  # noqa: E402
+
+
+class RunError(Exception):
+    pass
 
 
 def evaluate(model, val_data, offsets, block_size, micro_batch_size, backend, transform=None, stats=True):
@@ -47,6 +53,29 @@ def evaluate(model, val_data, offsets, block_size, micro_batch_size, backend, tr
 def fail(msg):
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
+
+
+def open_run(out_dir, ckpt="last", precision="", device="cpu", eval_iters=0, data_dir=""):
+    """A train.py run's model and its val windows: (model, backend, precision, info, val_data,
+    offsets, micro_batch_size). precision defaults to the run's own; FP8 is emulated off CUDA.
+    Raises RunError, CheckpointError or data.DataError."""
+    run_json = os.path.join(out_dir, "run.json")
+    if not os.path.isfile(run_json):
+        raise RunError(f"{run_json} not found: --out_dir must be a train.py run")
+    with open(run_json) as f:
+        run = json.load(f)["config"]
+    precision = precision or run["precision"]
+    if precision not in ("bf16", "fp8"):
+        raise RunError(f"--precision must be bf16 or fp8, got {precision!r}")
+    device_type = torch.device(device).type
+    fp8_backend = run["fp8_backend"] if device_type == "cuda" else "emulated"
+    backend = make_backend(precision, fp8_backend, run["fp8_recipe"], run["fp8_amax_history_len"],
+                           run["fp8_amax_compute_algo"], device_type)
+    model, info = load_trained(out_dir, ckpt, backend=backend, device=device)
+    block_size, micro = model.config.block_size, run["micro_batch_size"]
+    val_data = D.open_split(data_dir or run["data_dir"], "val", block_size, model.config.vocab_size)
+    offsets = D.val_offsets(run["seed"], (eval_iters or run["eval_iters"]) * micro, len(val_data), block_size)
+    return model, backend, precision, info, val_data, offsets, micro
 
 
 def main(argv):

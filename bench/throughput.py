@@ -2,14 +2,18 @@
 Side-by-side cost of the four modes on one model, in one process: iterations per hour and
 peak memory of BF16, BF16+TWEO, FP8 and FP8+TWEO training steps (forward, backward, AdamW),
 as ratios against BF16. This is Table 10's comparison without the DeepSpeed engine around
-it; for whole-run numbers use bench/compare_runs.py on train.py runs.
+it; for whole-run numbers use bench/table10.py on train.py runs.
 
-    python bench/throughput.py                                    # tiny model, CPU
+    python bench/throughput.py [--json=PATH]                      # small model, CPU
     python bench/throughput.py configs/gpt2_xl_fp8.py --micro_batch_size=4 --iters=20   # on a GPU
+
+Peak memory counts parameters, buffers and optimizer state plus the highest point a step
+adds to them. --json=PATH also writes the results there (never over an existing file).
 
 On CPU, FP8 is emulated: its numbers show the emulation's cost, not FP8's speed-up
 (that needs Transformer Engine on an FP8 GPU). TWEO's overhead is meaningful anywhere.
 """
+import json
 import os
 import sys
 import time
@@ -37,14 +41,16 @@ def cpu_peak_bytes(fn):
     return peak
 
 
-def measure(cfg, mode, device):
+def make_step(cfg, mode, device):
+    """A fresh model in `mode` (same seed, so the same initial weights for every mode) and
+    one training step of it: forward, backward, AdamW. Returns (step, backend, model, optimizer)."""
     precision, tweo_lambda = MODES[mode]
     backend = make_backend(precision, cfg["fp8_backend"], "delayed", 16, "max", device.type)
     torch.manual_seed(0)
     args = {k: cfg[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "activation_checkpointing")}
     model = GPT(GPTConfig(**args), backend).to(device=device, dtype=torch.bfloat16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randint(0, 50257, (cfg["micro_batch_size"], cfg["block_size"]), device=device)
+    x = torch.randint(0, min(50257, cfg["vocab_size"]), (cfg["micro_batch_size"], cfg["block_size"]), device=device)
 
     def step():
         with backend.autocast(model):
@@ -53,40 +59,93 @@ def measure(cfg, mode, device):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(cfg["warmup"]):
-        step()
+    return step, backend, model, optimizer
+
+
+def seconds_per_step(step, n, device):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
-    for _ in range(cfg["iters"]):
+    for _ in range(n):
         step()
     sync()
-    dt = (time.perf_counter() - t) / cfg["iters"]
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else cpu_peak_bytes(step)
+    return (time.perf_counter() - t) / n
+
+
+def peak_bytes(step, model, optimizer, device):
+    """Peak memory of training: what lives between steps (parameters, buffers, optimizer
+    state) plus the highest point one step adds to it (activations, gradients, temporaries).
+    Counted the same way on CPU and GPU, and unaffected by other models alive in the process."""
+    tensors = list(model.parameters()) + list(model.buffers()) + \
+        [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+    resident = sum(t.numel() * t.element_size() for t in tensors)
+    if device.type != "cuda":
+        return resident + cpu_peak_bytes(step)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return resident + torch.cuda.max_memory_allocated() - base
+
+
+def measure(cfg, mode, device):
+    step, backend, model, optimizer = make_step(cfg, mode, device)
+    for _ in range(cfg["warmup"]):
+        step()
+    dt = seconds_per_step(step, cfg["iters"], device)
+    peak = peak_bytes(step, model, optimizer, device)
     return {"mode": mode, "backend": backend.name, "s_per_iter": dt, "iter_per_hour": 3600 / dt, "peak_gb": peak / 2**30}
+
+
+def model_config(defaults, argv):
+    """defaults + a train.py config file (for its model size; its other keys are ignored
+    here) + --key=value overrides; a bad key is one line on stderr and exit 2."""
+    return configure_or_exit({**defaults, **{k: v for k, v in _train_keys().items() if k not in defaults}}, argv)
+
+
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def describe(cfg, device):
+    return f"{cfg['n_layer']} layers x {cfg['n_embd']}, {cfg['micro_batch_size']} x {cfg['block_size']} tokens, {device}"
 
 
 def main(argv):
     defaults = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=50304, micro_batch_size=4,
                     activation_checkpointing=False, iters=5, warmup=2, fp8_backend="auto",
-                    modes="bf16,bf16_tweo,fp8,fp8_tweo", device="cuda" if torch.cuda.is_available() else "cpu")
-    # a train.py config file may be given for its model size; its other keys are ignored here
-    known = {**defaults, **{k: v for k, v in _train_keys().items() if k not in defaults}}
-    cfg = configure_or_exit(known, argv)
+                    modes="bf16,bf16_tweo,fp8,fp8_tweo", device="cuda" if torch.cuda.is_available() else "cpu", json="")
+    cfg = model_config(defaults, argv)
     device = torch.device(cfg["device"])
     modes = cfg["modes"].split(",")
     if not set(modes) <= MODES.keys():
-        sys.exit(f"error: --modes takes a comma-separated subset of {', '.join(MODES)}")
-    print(f"model: {cfg['n_layer']} layers x {cfg['n_embd']}, {cfg['micro_batch_size']} x {cfg['block_size']} tokens, {device}")
+        fail(f"--modes takes a comma-separated subset of {', '.join(MODES)}")
+    if cfg["json"] and os.path.exists(cfg["json"]):
+        fail(f"{cfg['json']} already exists; results are never overwritten: choose another --json path")
+    print(f"model: {describe(cfg, device)}")
+    if device.type == "cpu" and any(MODES[m][0] == "fp8" for m in modes):
+        print("note: FP8 is emulated on CPU (float8 casts around bf16 GEMMs, same numerics as Transformer Engine): "
+              "its time and memory are the emulation's cost, not FP8's speed-up, which needs an FP8 GPU")
     results = [measure(cfg, m, device) for m in modes]
     base = results[0]
     print(f"{'mode':<10} {'backend':<9} {'s/iter':>8} {'iter/h':>9} {'vs ' + base['mode']:>10} {'peak GB':>8} {'vs ' + base['mode']:>10}")
     for r in results:
+        r["iter_per_hour_vs_first"] = r["iter_per_hour"] / base["iter_per_hour"] - 1
+        r["peak_gb_vs_first"] = r["peak_gb"] / base["peak_gb"] - 1
         print(f"{r['mode']:<10} {r['backend']:<9} {r['s_per_iter']:>8.3f} {r['iter_per_hour']:>9.0f} "
-              f"{100 * (r['iter_per_hour'] / base['iter_per_hour'] - 1):>+9.1f}% {r['peak_gb']:>8.3f} "
-              f"{100 * (r['peak_gb'] / base['peak_gb'] - 1):>+9.1f}%")
+              f"{100 * r['iter_per_hour_vs_first']:>+9.1f}% {r['peak_gb']:>8.3f} {100 * r['peak_gb_vs_first']:>+9.1f}%")
+    if cfg["json"]:
+        model = {k: cfg[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "micro_batch_size",
+                                     "activation_checkpointing", "iters", "warmup")}
+        report = {"device": str(device), "fp8_emulated": any(r["backend"] == "emulated" for r in results),
+                  "model": model, "results": results}
+        os.makedirs(os.path.dirname(os.path.abspath(cfg["json"])), exist_ok=True)
+        with open(cfg["json"] + ".tmp", "w") as f:
+            json.dump(report, f, indent=2)
+        os.replace(cfg["json"] + ".tmp", cfg["json"])
+        print(f"wrote {cfg['json']}")
     return results
 
 

@@ -1,6 +1,7 @@
 """Shared test helpers: the repository on sys.path, and real training runs of configs/tiny.py
 (on the demo corpus) that several test files check."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -60,3 +61,39 @@ def runs(demo_data, tmp_path_factory):
     return out
 
 
+
+
+@pytest.fixture(scope="session")
+def collapsed_run(demo_data, tmp_path_factory):
+    """A 1-rank FP8 run of the `runs` schedule whose loss is made NaN at iteration 10: it
+    collapses at iter 11, after one evaluation (iter 8)."""
+    out_dir = str(tmp_path_factory.mktemp("collapsed") / "run")
+    train(1, f"--data_dir={demo_data}", f"--out_dir={out_dir}", *MODES["fp8"], *RUN, "--inject_nan_iter=10")
+    return out_dir
+
+
+def write_run(out_dir, rows, world_size=1, model_args=None, **config):
+    """A hand-written run (run.json + metrics.jsonl), for tests with known answers: the model
+    of configs/tiny.py unless model_args says otherwise; config overrides run.json's config."""
+    model_args = dict(dict(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=50304, dropout=0.0, bias=True,
+                           tweo_tau=3.0, tweo_p=4.0, activation_checkpointing=False), **(model_args or {}))
+    cfg = dict(model_args, out_dir=str(out_dir), data_dir="data/demo", precision="bf16", fp8_backend="emulated",
+               tweo_lambda=0.0, tweo_tau=3.0, tweo_p=4.0, tweo_schedule="constant", total_batch_tokens=1024,
+               micro_batch_size=8, max_iters=20, learning_rate=3e-3, min_lr=3e-4, warmup_iters=5, lr_decay_iters=20,
+               weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0, seed=1337)
+    cfg.update(config)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "run.json"), "w") as f:
+        json.dump({"config": cfg, "model_args": model_args, "world_size": world_size}, f)
+    with open(os.path.join(out_dir, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(out_dir)
+
+
+def train_row(it, iter_time_s, act_peak=1.0, mem_peak_gb=1.0):
+    return {"iter": it, "loss": 5.0, "act_peak": act_peak, "act_max_per_layer": [act_peak / 2, act_peak],
+            "iter_time_s": iter_time_s, "iter_per_hour": 3600 / iter_time_s, "mem_peak_gb": mem_peak_gb}
+
+
+def eval_row(it, ppl):
+    return {"iter": it, "val_loss": math.log(ppl), "val_ppl": ppl}

@@ -1,0 +1,45 @@
+"""bench/runs.py: the one summary of a run, on hand-written logs with known answers."""
+import json
+import math
+
+import pytest
+
+from bench.runs import summarize
+from conftest import eval_row, train_row, write_run
+
+
+def test_a_finished_run_reports_its_last_evaluation_and_measured_times(tmp_path):
+    rows = [train_row(5, 2.0, act_peak=3.0, mem_peak_gb=1.5), eval_row(10, 18.0), train_row(10, 2.0, act_peak=7.0),
+            train_row(15, 4.0, act_peak=7.0, mem_peak_gb=2.5), eval_row(20, 20.0), train_row(20, 4.0, act_peak=7.0)]
+    s = summarize(write_run(tmp_path / "a", rows, world_size=2))
+    assert s["ppl"] == pytest.approx(20.0) and s["ppl_iter"] == 20 and s["finished"] and s["collapse_iter"] is None
+    assert s["peak"] == 7.0 and s["vram_gb"] == 2.5
+    # 5 iterations at 2 s, 5 at 2 s, 5 at 4 s, 5 at 4 s: 60 s for 20 iterations
+    assert s["s_per_iter"] == pytest.approx(3.0) and s["iter_per_hour"] == pytest.approx(1200.0)
+    # 20 iterations x 3 s x 2 GPUs = 120 GPU-seconds
+    assert s["total_hours"] == pytest.approx(120 / 3600) and s["iters_timed"] == 20
+    # wte 50304 x 64 (tied to the LM head) + wpe 64 x 64 + 2 blocks x 49984 + the final LayerNorm's 128
+    assert s["params"] == 3_219_456 + 4_096 + 2 * 49_984 + 128 and s["params_str"] == "3.32M"
+    assert s["mode"] == "BF16" and s["tweo"] == ""
+
+
+def test_a_collapsed_run_reports_its_best_evaluation_before_the_collapse(tmp_path):
+    rows = [eval_row(8, 30.0), eval_row(16, 25.0), eval_row(24, 40.0), {"iter": 29, "event": "collapse", "loss": "nan"},
+            eval_row(32, 10.0)]  # after the collapse (stop_on_collapse=False): not reported
+    s = summarize(write_run(tmp_path / "c", rows, precision="fp8", tweo_lambda=0.01, max_iters=40))
+    assert s["ppl"] == pytest.approx(25.0) and s["ppl_iter"] == 16 and s["collapse_iter"] == 29
+    assert not s["finished"] and s["mode"] == "FP8 +TWEO" and s["iter_per_hour"] is None
+
+
+def test_a_resumed_run_counts_each_interval_once(tmp_path):
+    # logged to iter 10, killed, resumed from the checkpoint of iter 8: the resumed process's
+    # iter 10 (2 iterations at 5 s) replaces the first one's (5 iterations at 2 s)
+    rows = [train_row(5, 2.0), train_row(10, 2.0), {"iter": 8, "event": "resume", "tag": "iter_0000008"},
+            train_row(10, 5.0), train_row(15, 4.0), train_row(20, 4.0)]
+    s = summarize(write_run(tmp_path / "r", rows))
+    assert s["iters_timed"] == 17 and s["s_per_iter"] == pytest.approx((10 + 10 + 20 + 20) / 17)
+
+
+def test_tweo_settings_other_than_the_papers_are_named(tmp_path):
+    s = summarize(write_run(tmp_path / "t", [], tweo_lambda=0.01, tweo_tau=1.0, attn_bias=True))
+    assert s["tweo"] == "+TWEO (tau=1)" and s["variant"] == "attn bias" and s["ppl"] is None

@@ -1,0 +1,81 @@
+"""bench/table2.py: Table 2 in the paper's layout, rows made from what the runs are."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from bench.table2 import main as table2
+from conftest import REPO, eval_row, metrics, train_row, write_run
+
+
+def last_ppl(out_dir):
+    return math.exp([r for r in metrics(out_dir) if "val_loss" in r][-1]["val_loss"])
+
+
+def peak(out_dir):
+    return max(r["act_peak"] for r in metrics(out_dir) if "act_peak" in r)
+
+
+def test_real_runs_fill_the_right_cells_whatever_their_directories_are_called(runs, tmp_path, capsys):
+    # the directory names lie: rows come from run.json
+    named = {}
+    for mode, lie in (("bf16", "fp8_tweo"), ("fp8", "bf16"), ("fp8_tweo", "fp8")):
+        named[mode] = str(tmp_path / lie)
+        shutil.copytree(runs[mode], named[mode], ignore=shutil.ignore_patterns("ckpt", "*.pt", "wandb"))
+    rows = table2([named["fp8_tweo"], named["bf16"], named["fp8"], "--json"])
+    out = capsys.readouterr().out
+    assert json.loads(out.strip().splitlines()[-1]) == rows
+    base, tweo = rows
+    assert base["model"] == "GPT 2L×64" and tweo["model"] == "GPT 2L×64 +TWEO" and base["params"] == "3.32M"
+    assert base["ppl_fp8"] == pytest.approx(last_ppl(runs["fp8"])) and base["ppl_bf16"] == pytest.approx(last_ppl(runs["bf16"]))
+    assert base["peak"] == max(peak(runs["fp8"]), peak(runs["bf16"])) and base["runs"] == [named["fp8"], named["bf16"]]
+    assert tweo["ppl_fp8"] == pytest.approx(last_ppl(runs["fp8_tweo"])) and tweo["ppl_bf16"] is None
+    assert tweo["runs"] == [named["fp8_tweo"]] and not base["collapsed"] and base["collapse_iter"] is None
+    assert "| Model | Params | PPL (FP8) ↓ | PPL (BF16) ↓ | Peak |" in out
+    assert f"| GPT 2L×64 +TWEO | 3.32M | {tweo['ppl_fp8']:.2f} | - |" in out
+
+
+def test_a_collapsed_run_is_marked_with_its_best_ppl_before_the_collapse(runs, collapsed_run, capsys):
+    (row,) = table2([runs["bf16"], collapsed_run, "--json"])
+    out = capsys.readouterr().out
+    evals = {r["iter"]: r["val_loss"] for r in metrics(collapsed_run) if "val_loss" in r}
+    assert list(evals) == [8]  # evaluated once, then the loss went NaN at iteration 10
+    assert row["collapsed"] and row["collapse_iter"] == 11 and row["ppl_fp8"] == pytest.approx(math.exp(evals[8]))
+    assert row["ppl_bf16"] == pytest.approx(last_ppl(runs["bf16"]))
+    assert f"| {row['ppl_fp8']:.2f} # |" in out
+    assert f"#: {collapsed_run}: training collapsed at iter 11; we report the best checkpoint before collapsing (iter 8)." in out
+
+
+def test_known_values_and_the_papers_numbers(tmp_path, capsys):
+    big = dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024)  # GPT-2 medium
+    fp8 = write_run(tmp_path / "a", [eval_row(10, 40.0), eval_row(20, 30.0), train_row(20, 1.0, act_peak=900.0),
+                                     {"iter": 25, "event": "collapse"}, eval_row(30, 1e6)],
+                    precision="fp8", max_iters=40, model_args=big)
+    bf16 = write_run(tmp_path / "b", [eval_row(20, 22.0), eval_row(40, 16.5), train_row(40, 1.0, act_peak=300.0)],
+                     max_iters=40, model_args=big)
+    bf16_tweo = write_run(tmp_path / "c", [eval_row(40, 15.25), train_row(40, 1.0, act_peak=12.0)], max_iters=40,
+                          tweo_lambda=0.01, model_args=big)
+    other_schedule = write_run(tmp_path / "d", [eval_row(30, 17.0), train_row(30, 1.0)], max_iters=30, model_args=big)
+    rows = table2([bf16_tweo, fp8, bf16, other_schedule, "--paper", "--json"])
+    out = capsys.readouterr().out
+    assert [(r["model"], r["ppl_fp8"], r["ppl_bf16"], r["peak"], r["collapse_iter"]) for r in rows] == [
+        ("GPT2-medium (max_iters=30)", None, pytest.approx(17.0), 1.0, None),  # another schedule: its own row
+        ("GPT2-medium (max_iters=40)", pytest.approx(30.0), pytest.approx(16.5), 900.0, 25),
+        ("GPT2-medium +TWEO", None, pytest.approx(15.25), 12.0, None)]
+    assert rows[1]["params"] == "355M" and rows[1]["paper"] == {"ppl_fp8": 127.34, "ppl_bf16": 16.77, "peak": 24563}
+    assert "| GPT2-medium (max_iters=40) | 355M | 30.00 # | 16.50 | 900 | 127.34 | 16.77 # | 24563 |" in out
+    assert "| GPT2-medium +TWEO | 355M | - | 15.25 | 12.0 | 15.64 | 15.18 | 19 |" in out
+
+
+def test_two_runs_for_one_cell_and_bad_input_stop_before_any_output(runs, tmp_path):
+    twin = tmp_path / "twin"
+    shutil.copytree(runs["bf16"], twin, ignore=shutil.ignore_patterns("ckpt", "*.pt"))
+    for args, message in (([runs["bf16"], str(twin)], "are both the BF16 run of row"),
+                          ([str(tmp_path / "nothing")], "is not a train.py run"),
+                          ([runs["bf16"], "--papper=True"], "did you mean 'paper'"), ([], "no run directories")):
+        r = subprocess.run([sys.executable, "bench/table2.py", *args], cwd=REPO, capture_output=True, text=True)
+        assert r.returncode == 2 and r.stdout == "" and message in r.stderr and len(r.stderr.splitlines()) == 1
