@@ -31,7 +31,7 @@ from configurator import configure_or_exit
 # run
 out_dir = "out"
 data_dir = "data/openwebtext"
-init_from = "scratch"  # 'scratch' or 'resume' (from out_dir/ckpt/latest)
+init_from = "scratch"  # 'scratch', 'resume' (from out_dir/ckpt/latest) or a Hugging Face GPT-2 directory
 seed = 1337
 # model
 n_layer = 12
@@ -118,8 +118,17 @@ if total_batch_tokens % tokens_per_micro_step:
     die(f"total_batch_tokens={total_batch_tokens} is not a multiple of micro_batch_size x block_size x GPUs "
         f"= {micro_batch_size} x {block_size} x {world_size} = {tokens_per_micro_step}")
 grad_accum = total_batch_tokens // tokens_per_micro_step
-if init_from not in ("scratch", "resume"):
-    die(f"init_from must be 'scratch' or 'resume', got {init_from!r}")
+hf_state = None
+if init_from not in ("scratch", "resume"):  # a Hugging Face GPT-2 directory: its architecture and weights
+    from model import CheckpointError, hf_gpt2_state
+    if not os.path.isdir(init_from):
+        die(f"init_from must be 'scratch', 'resume' or a Hugging Face GPT-2 directory, got {init_from!r}")
+    try:
+        hf_state, hf_args, _ = hf_gpt2_state(init_from, vocab_size, block_size)
+    except CheckpointError as e:
+        die(str(e))
+    n_layer, n_head, n_embd, bias = (hf_args[k] for k in ("n_layer", "n_head", "n_embd", "bias"))
+    config.update(n_layer=n_layer, n_head=n_head, n_embd=n_embd, bias=bias)
 if tweo_schedule not in ("constant", "cosine"):
     die(f"tweo_schedule must be 'constant' or 'cosine', got {tweo_schedule!r}")
 if wandb_mode not in ("online", "offline"):
@@ -138,7 +147,7 @@ model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=bloc
                   dropout=dropout, bias=bias, tweo_tau=tweo_tau, tweo_p=tweo_p,
                   activation_checkpointing=activation_checkpointing)
 run_json = os.path.join(out_dir, "run.json")
-if init_from == "scratch" and (os.path.exists(run_json) or os.path.exists(ckpt_dir)):
+if init_from != "resume" and (os.path.exists(run_json) or os.path.exists(ckpt_dir)):
     die(f"{out_dir} already holds a run; continue it with --init_from=resume, or choose another out_dir")
 if init_from == "resume":
     latest = os.path.join(ckpt_dir, "latest")
@@ -192,6 +201,9 @@ ds_config = {
 }
 with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero_stage == 3):
     model = GPT(GPTConfig(**model_args), backend)
+if hf_state is not None:  # every rank reads the file; rank 0's copy is the one ZeRO-3 keeps
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0, enabled=zero_stage == 3):
+        model.load_state_dict(hf_state, strict=False)  # strict but for an FP8 backend's scaling state
 
 
 def param_groups(model):
