@@ -53,3 +53,11 @@ def test_missing_and_mismatched_checkpoints_fail_clearly(runs, tmp_path):
     torch.save(small_vocab, tmp_path / "model_last.pt")
     r = sample(f"--out_dir={tmp_path}")
     assert r.returncode == 2 and "smaller than GPT-2's" in r.stderr
+
+
+def test_a_hugging_face_gpt2_samples_within_its_vocabulary(hf_gpt2):
+    r = sample(f"--hf={hf_gpt2[0]}", "--start=Hello", "--num_samples=2", "--max_new_tokens=30", "--seed=2",
+               "--print_json", "--top_k=50257")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(rows) == 2 and all(len(row["tokens"]) == 30 and max(row["tokens"]) < 50257 for row in rows)

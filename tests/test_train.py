@@ -157,3 +157,20 @@ def test_the_deepspeed_launcher_runs_it(demo_data, tmp_path):
                        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert [row["iter"] for row in metrics(f"{tmp_path}/ds") if "val_loss" in row] == [2]
+
+
+def test_init_from_a_hugging_face_directory_starts_from_its_weights(hf_gpt2, demo_data, tmp_path):
+    from model import hf_gpt2_state
+    out_dir = tmp_path / "from_hf"
+    r = train(1, f"--data_dir={demo_data}", f"--out_dir={out_dir}", "--init_from=/nonexistent", check=False)
+    assert r.returncode == 2 and "a Hugging Face GPT-2 directory" in r.stderr and not out_dir.exists()
+    # learning rate 0: the checkpoint after one step holds the Hugging Face weights, in our layout and bf16
+    train(1, f"--data_dir={demo_data}", f"--out_dir={out_dir}", f"--init_from={hf_gpt2[0]}", "--max_iters=1",
+          "--learning_rate=0.0", "--min_lr=0.0", "--warmup_iters=0", "--lr_decay_iters=1", "--eval_interval=1",
+          "--ckpt_interval=1", "--log_interval=1")
+    saved = torch.load(out_dir / "model_last.pt", weights_only=True)
+    assert {k: saved["model_args"][k] for k in ("n_layer", "n_head", "n_embd", "vocab_size")} == \
+        dict(n_layer=2, n_head=4, n_embd=32, vocab_size=50304)  # configs/tiny.py's 2 x 64 (2 heads) gave way
+    state, _, _ = hf_gpt2_state(hf_gpt2[0], 50304, 64)
+    for k, v in state.items():
+        assert torch.equal(saved["model"][k], v.bfloat16()), k
