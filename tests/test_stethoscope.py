@@ -88,3 +88,12 @@ def test_the_command_line_writes_a_table_json_and_a_figure_and_never_overwrites(
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "exists" in again.stderr and png.read_bytes() == before
     assert os.path.getsize(png) > 10000
+
+
+def test_a_hugging_face_gpt2_goes_through_the_stethoscope(hf_gpt2, demo_data, tmp_path):
+    r = subprocess.run([sys.executable, "bench/stethoscope.py", f"--hf={hf_gpt2[0]}", f"--data_dir={demo_data}",
+                        "--windows=4", f"--png={tmp_path / 'hf.png'}", "--json"], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["model"] == hf_gpt2[0] and result["block_size"] == 64 and (tmp_path / "hf.png").exists()
