@@ -109,7 +109,7 @@ def plot(result, path):
     import matplotlib.pyplot as plt
     conds = result["conditions"]
     values = [abs(v) for c in conds.values() for s in STATS for v in c[s] if v != 0]
-    log = max(values) / min(values) > 100
+    log = max(values) / min(values) > 20  # values spanning more than ~a decade
     fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharey=True)
     for ax, (key, title) in zip(axes.flat, CONDITIONS.items()):
         layers = range(len(conds[key]["avg_max"]))
