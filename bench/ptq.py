@@ -50,11 +50,11 @@ def fake_quant(x, bits, granularity, amax=None):
     q = 2 ** (bits - 1) - 1
     x32 = x.float()
     if granularity == "tensor":
-        s = (x32.abs().amax() if amax is None else torch.as_tensor(amax, dtype=torch.float32, device=x.device)) + EPS
+        s = (x32.detach().abs().amax() if amax is None else torch.as_tensor(amax, dtype=torch.float32, device=x.device)) + EPS
         out = torch.fake_quantize_per_tensor_affine(x32, s / q, torch.zeros((), dtype=torch.int32, device=x.device), -q, q)
     elif granularity in ("channel", "token"):
         rows = x32.reshape(-1, x32.shape[-1])
-        s = rows.abs().amax(dim=1) + EPS
+        s = rows.detach().abs().amax(dim=1) + EPS  # a constant scale: gradients pass straight through
         out = torch.fake_quantize_per_channel_affine(rows, s / q, torch.zeros_like(s, dtype=torch.int32), 0, -q, q)
         out = out.view_as(x32)
     else:
