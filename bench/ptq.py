@@ -50,7 +50,8 @@ def fake_quant(x, bits, granularity, amax=None):
     q = 2 ** (bits - 1) - 1
     x32 = x.float()
     if granularity == "tensor":
-        s = (x32.detach().abs().amax() if amax is None else torch.as_tensor(amax, dtype=torch.float32, device=x.device)) + EPS
+        amax = x32.detach().abs().amax() if amax is None else torch.as_tensor(amax, dtype=torch.float32, device=x.device)
+        s = amax + EPS
         out = torch.fake_quantize_per_tensor_affine(x32, s / q, torch.zeros((), dtype=torch.int32, device=x.device), -q, q)
     elif granularity in ("channel", "token"):
         rows = x32.reshape(-1, x32.shape[-1])
