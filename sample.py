@@ -64,8 +64,8 @@ ids = enc.encode(start, allowed_special={"<|endoftext|>"}) or [EOT]
 x = torch.tensor(ids, dtype=torch.long, device=device)[None, :]
 with torch.no_grad(), torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
     for k in range(num_samples):
-        y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, vocab_limit=info.get("hf_vocab_size", enc.n_vocab),
-                           generator=generator)
+        y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k,
+                           vocab_limit=info.get("hf_vocab_size", enc.n_vocab), generator=generator)
         new = y[0, len(ids):].tolist()
         if print_json:
             print(json.dumps({"sample": k, "prompt": start, "tokens": new, "text": enc.decode(new)}))
