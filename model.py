@@ -397,3 +397,90 @@ def _load_zero_checkpoint(out_dir, ckpt):
         raise CheckpointError(f"{tag_dir} is not a readable DeepSpeed checkpoint ({_first_sentence(e)})") from None
     sys.stderr.write(progress.getvalue())
     return dict(state), args, {"config": config, "iter": None, "val_loss": None}
+
+
+# ----------------------------------------------------------------------------------------
+# Loading a Hugging Face GPT-2 checkpoint from a local directory (config.json and
+# model.safetensors or pytorch_model.bin), as nanoGPT's from_pretrained but without the
+# network: bench/eval.py, ptq.py, stethoscope.py and sample.py --hf=DIR, train.py init_from=DIR.
+
+HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def hf_gpt2_state(hf_dir, vocab_size=None, block_size=None):
+    """(state dict in our names, model args, the checkpoint's own vocabulary size).
+    HF's Conv1D stores weights as [in, out]: transposed to our [out, in]. ln_1, ln_2 and
+    ln_f become the LayerNorms of QKV, fc and the LM head. The vocabulary is padded with
+    zero rows to vocab_size (default: the next multiple of 64, 50304 for GPT-2) and wpe
+    is cropped to block_size (default: n_positions). Raises CheckpointError."""
+    import json
+    try:
+        with open(os.path.join(hf_dir, "config.json")) as f:
+            c = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{hf_dir} is not a Hugging Face model directory: config.json unreadable ({e})") from None
+    n_embd = c.get("n_embd")
+    unsupported = {"model_type": (c.get("model_type"), "gpt2"),
+                   "activation_function": (c.get("activation_function"), ("gelu_new", "gelu_pytorch_tanh")),
+                   "n_inner": (c.get("n_inner"), (None, 4 * (n_embd or 0))),
+                   "layer_norm_epsilon": (c.get("layer_norm_epsilon", 1e-5), 1e-5),
+                   "scale_attn_weights": (c.get("scale_attn_weights", True), True),
+                   "scale_attn_by_inverse_layer_idx": (c.get("scale_attn_by_inverse_layer_idx", False), False)}
+    for key, (got, want) in unsupported.items():
+        if got not in (want if isinstance(want, tuple) else (want,)):
+            raise CheckpointError(f"{hf_dir}: {key}={got!r} is not a GPT-2 this model can hold (needs {want!r})")
+    st, bin_ = os.path.join(hf_dir, "model.safetensors"), os.path.join(hf_dir, "pytorch_model.bin")
+    if os.path.isfile(st):
+        from safetensors.torch import load_file
+        hf = load_file(st)
+    elif os.path.isfile(bin_):
+        hf = torch.load(bin_, map_location="cpu", weights_only=True)
+    else:
+        raise CheckpointError(f"{hf_dir} holds neither model.safetensors nor pytorch_model.bin")
+    hf = {k.removeprefix("transformer."): v for k, v in hf.items()}
+    n_vocab, n_positions = c["vocab_size"], c["n_positions"]
+    vocab_size = vocab_size or -(-n_vocab // 64) * 64
+    block_size = block_size or n_positions
+    if vocab_size < n_vocab or block_size > n_positions:
+        raise CheckpointError(f"{hf_dir} has {n_vocab} tokens and {n_positions} positions: vocab_size {vocab_size} "
+                              f"must be >= {n_vocab} and block_size {block_size} <= {n_positions}")
+    if "lm_head.weight" in hf and not torch.equal(hf["lm_head.weight"], hf["wte.weight"]):
+        raise CheckpointError(f"{hf_dir}: the LM head is not tied to wte, which GPT-2 (and this model) ties")
+    try:
+        wte = hf["wte.weight"]
+        state = {"transformer.wte.weight": torch.cat([wte, wte.new_zeros(vocab_size - n_vocab, wte.size(1))]),
+                 "transformer.wpe.weight": hf["wpe.weight"][:block_size],
+                 "lm_head.layer_norm_weight": hf["ln_f.weight"], "lm_head.layer_norm_bias": hf["ln_f.bias"]}
+        for i in range(c["n_layer"]):
+            h, ours = f"h.{i}.", f"transformer.h.{i}."
+            for ln, layer in (("ln_1", "attn.c_attn"), ("ln_2", "mlp.c_fc")):
+                state[ours + layer + ".layer_norm_weight"] = hf[h + ln + ".weight"]
+                state[ours + layer + ".layer_norm_bias"] = hf[h + ln + ".bias"]
+            for w in HF_CONV1D:
+                state[ours + w] = hf[h + w].t()
+                state[ours + w[:-len("weight")] + "bias"] = hf[h + w[:-len("weight")] + "bias"]
+    except KeyError as e:
+        raise CheckpointError(f"{hf_dir}: the checkpoint has no {e.args[0]}: not a GPT-2 checkpoint") from None
+    state["lm_head.weight"] = state["transformer.wte.weight"]
+    args = dict(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=n_embd, block_size=block_size,
+                vocab_size=vocab_size, dropout=0.0, bias=True)
+    return {k: v.float().contiguous() for k, v in state.items()}, args, n_vocab
+
+
+def load_hf(hf_dir, backend=None, device="cpu", dtype=torch.bfloat16, block_size=None):
+    """A GPT holding a Hugging Face GPT-2 checkpoint, in eval mode, as load_trained returns
+    one. The padded vocabulary entries get logit -inf, so that the loss, the perplexity and
+    sampling are those of the original model. Raises CheckpointError."""
+    state, args, n_vocab = hf_gpt2_state(hf_dir, block_size=block_size)
+    model = GPT(GPTConfig(**args), backend)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if ".fp8_" not in k and not k.endswith("_extra_state")]  # an FP8 backend's own state
+    if missing or unexpected:
+        raise CheckpointError(f"{hf_dir} does not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    model.to(device=device, dtype=dtype)
+
+    def mask_padded_vocab(module, inputs, logits):
+        return logits.index_fill(-1, torch.arange(n_vocab, logits.size(-1), device=logits.device), -float("inf"))
+    model.lm_head.register_forward_hook(mask_padded_vocab)
+    info = {"config": None, "iter": None, "val_loss": None, "trained_in_fp8": False, "hf_vocab_size": n_vocab}
+    return model.eval(), info

@@ -3,6 +3,7 @@ Generate text from a trained model.
 
     python sample.py --out_dir=out/gpt2_xl_fp8_tweo --start="The meaning of life" --num_samples=3 --max_new_tokens=100
     python sample.py --out_dir=out/tiny --start=FILE:prompt.txt --ckpt=best --temperature=0.7 --top_k=50 --seed=1
+    python sample.py --hf=DIR --start="Hello"    # a local Hugging Face GPT-2 directory instead of a run
 
 --ckpt: 'last' or 'best' (the consolidated model_last.pt / model_best.pt train.py writes),
 or a DeepSpeed checkpoint tag or folder (read directly from the ZeRO-3 shards).
@@ -15,6 +16,7 @@ import sys
 from configurator import configure_or_exit, first_violation, usable_device
 
 out_dir = "out"
+hf = ""  # a Hugging Face GPT-2 directory (config.json + weights), in place of out_dir
 ckpt = "last"
 start = "\n"  # or "FILE:prompt.txt"
 num_samples = 3
@@ -25,7 +27,7 @@ seed = 1337
 device = "auto"  # 'cuda' when there is a GPU, else 'cpu'; or 'cpu', 'cuda', 'cuda:N'
 print_json = False
 config = configure_or_exit({k: v for k, v in globals().items() if k in (
-    "out_dir", "ckpt", "start", "num_samples", "max_new_tokens", "temperature", "top_k", "seed", "device", "print_json")},
+    "out_dir", "hf", "ckpt", "start", "num_samples", "max_new_tokens", "temperature", "top_k", "seed", "device", "print_json")},
     sys.argv[1:])
 globals().update(config)
 
@@ -49,7 +51,7 @@ if problem:
 
 import torch  # noqa: E402
 
-from model import CheckpointError, load_trained  # noqa: E402
+from model import CheckpointError, load_hf, load_trained  # noqa: E402
 from prepare_openwebtext import EOT, gpt2_tokenizer  # noqa: E402
 
 if device == "auto":
@@ -62,7 +64,7 @@ if start.startswith("FILE:"):
         fail(f"cannot read the prompt file {start[5:]}: {e.strerror}")
 try:
     enc = gpt2_tokenizer()
-    model, info = load_trained(out_dir, ckpt, device=device)
+    model, info = load_hf(hf, device=device) if hf else load_trained(out_dir, ckpt, device=device)
 except (CheckpointError, RuntimeError) as e:  # RuntimeError: no tokenizer
     fail(str(e))
 if model.config.vocab_size < enc.n_vocab:
@@ -76,8 +78,8 @@ ids = enc.encode(start, allowed_special={"<|endoftext|>"}) or [EOT]
 x = torch.tensor(ids, dtype=torch.long, device=device)[None, :]
 with torch.no_grad(), torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
     for k in range(num_samples):
-        y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, vocab_limit=enc.n_vocab,
-                           generator=generator)
+        y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k,
+                           vocab_limit=info.get("hf_vocab_size", enc.n_vocab), generator=generator)
         new = y[0, len(ids):].tolist()
         if print_json:
             print(json.dumps({"sample": k, "prompt": start, "tokens": new, "text": enc.decode(new)}))

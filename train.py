@@ -32,7 +32,7 @@ from configurator import configure_or_exit, first_violation, one_of, writable_di
 # run
 out_dir = "out"
 data_dir = "data/openwebtext"
-init_from = "scratch"  # 'scratch' or 'resume' (from out_dir/ckpt/latest)
+init_from = "scratch"  # 'scratch', 'resume' (from out_dir/ckpt/latest) or a Hugging Face GPT-2 directory
 seed = 1337
 # model
 n_layer = 12
@@ -133,7 +133,8 @@ def te_missing():
 
 CHECKS = [
     ("out_dir", writable_dir, "a directory this user can write, or create"),
-    ("init_from", *one_of("scratch", "resume")),
+    ("init_from", lambda v: v in ("scratch", "resume") or os.path.isdir(v),
+     "'scratch', 'resume' or a Hugging Face GPT-2 directory"),
     ("seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
     ("n_layer", lambda v: v >= 1, ">= 1"),
     ("n_head", lambda v: v >= 1, ">= 1"),
@@ -197,6 +198,15 @@ from precision import make_backend, te_available  # noqa: E402
 
 use_cuda = torch.cuda.is_available()
 ckpt_dir = os.path.join(out_dir, "ckpt")
+hf_state = None
+if init_from not in ("scratch", "resume"):  # a Hugging Face GPT-2 directory: its architecture and weights
+    from model import CheckpointError, hf_gpt2_state
+    try:
+        hf_state, hf_args, _ = hf_gpt2_state(init_from, vocab_size, block_size)
+    except CheckpointError as e:
+        die(str(e))
+    n_layer, n_head, n_embd, bias = (hf_args[k] for k in ("n_layer", "n_head", "n_embd", "bias"))
+    config.update(n_layer=n_layer, n_head=n_head, n_embd=n_embd, bias=bias)
 try:
     train_data = D.open_split(data_dir, "train", block_size, vocab_size)
     val_data = D.open_split(data_dir, "val", block_size, vocab_size)
@@ -207,7 +217,7 @@ model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=bloc
                   activation_checkpointing=activation_checkpointing, attn_bias=attn_bias,
                   clipped_softmax_gamma=clipped_softmax_gamma, clipped_softmax_zeta=clipped_softmax_zeta)
 run_json = os.path.join(out_dir, "run.json")
-if init_from == "scratch" and (os.path.exists(run_json) or os.path.exists(ckpt_dir)):
+if init_from != "resume" and (os.path.exists(run_json) or os.path.exists(ckpt_dir)):
     die(f"{out_dir} already holds a run; continue it with --init_from=resume, or choose another out_dir")
 resume_tag, convert_from = None, None  # the checkpoint to resume from; its world size when it differs from ours
 if init_from == "resume":
@@ -312,6 +322,9 @@ ds_config = {
 }
 with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero_stage == 3):
     model = GPT(GPTConfig(**model_args), backend)
+if hf_state is not None:  # every rank reads the file; rank 0's copy is the one ZeRO-3 keeps
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0, enabled=zero_stage == 3):
+        model.load_state_dict(hf_state, strict=False)  # strict but for an FP8 backend's scaling state
 
 
 def param_groups(model):

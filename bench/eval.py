@@ -3,6 +3,7 @@ Validation loss, perplexity and outlier statistics of a trained model, in BF16 o
 
     python bench/eval.py --out_dir=out/gpt2_xl_fp8_tweo [--precision=bf16|fp8] [--eval_iters=N] [--ckpt=best|last] [--json]
                          [--data_dir=DIR (default: the run's)] [--device=cpu|cuda]
+    python bench/eval.py --hf=DIR --data_dir=data/openwebtext [--block_size=N] [--eval_iters=N]
 
 The val windows are the ones train.py evaluates on (same seed, block size and count), so
 the numbers compare with the val_loss in metrics.jsonl. Per layer, for block outputs and
@@ -10,16 +11,20 @@ FFN outputs (before the residual add): top-1/2/3, median, max, mean |value|, kur
 (raw mu4/sigma^4, 3 for a Gaussian) and inf-norm. --precision defaults to the precision
 the run was trained in; fp8 uses the checkpoint's own FP8 scaling state.
 
+--hf=DIR evaluates a Hugging Face GPT-2 directory (config.json + model.safetensors or
+pytorch_model.bin, e.g. a local copy of `gpt2`): it has no run, so --data_dir is needed and
+the windows are train.py's defaults (seed 1337, eval_iters 25 x 8 windows) of --block_size
+tokens (default: the model's n_positions, 1024 for GPT-2).
+
 For post-training quantization work, evaluate(model, transform=...) evaluates a model
 with a transform (model -> model) applied first.
-open_run(out_dir, ...) loads a run's trained model with its val windows (bench/plots.py uses
-it for Figure 4).
 """
 import contextlib
 import json
 import math
 import os
 import sys
+from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -27,12 +32,9 @@ import torch  # noqa: E402
 
 import data as D  # noqa: E402
 from configurator import configure_or_exit, first_violation, one_of, usable_device  # noqa: E402
-from model import CheckpointError, load_trained, record_activations, summarize_moments  # noqa: E402
+from model import CheckpointError, load_hf, load_trained, record_activations, summarize_moments  # noqa: E402
+from prepare_openwebtext import GPT2_VOCAB_SIZE  # noqa: E402
 from precision import make_backend  # noqa: E402
-
-
-class RunError(Exception):
-    pass
 
 
 def evaluate(model, val_data, offsets, block_size, micro_batch_size, backend, transform=None, stats=True):
@@ -50,78 +52,96 @@ def evaluate(model, val_data, offsets, block_size, micro_batch_size, backend, tr
     return result
 
 
+# --hf=DIR: a Hugging Face GPT-2 has no run.json, so the val windows come from these
+# (train.py's defaults: seed 1337, 25 x 8 windows of the model's n_positions tokens)
+HF_RUN = dict(seed=1337, micro_batch_size=8, eval_iters=25, precision="bf16", fp8_backend="emulated",
+              fp8_recipe="delayed", fp8_amax_history_len=16, fp8_amax_compute_algo="max")
+RUN_KEYS = ("precision", "fp8_backend", "fp8_recipe", "fp8_amax_history_len", "fp8_amax_compute_algo",
+            "micro_batch_size", "eval_iters", "data_dir", "seed")
+LOAD_DEFAULTS = dict(out_dir="out", hf="", ckpt="last", precision="", eval_iters=0, data_dir="", block_size=0,
+                     device="cuda" if torch.cuda.is_available() else "cpu")
+LOAD_RULES = [  # (key, test(value), what the value must be), the first broken rule stops
+    ("precision", *one_of("", "bf16", "fp8")),
+    ("eval_iters", lambda v: v >= 0, ">= 0 (0: the run's own eval_iters)"),
+    ("block_size", lambda v: v >= 0, ">= 0 (0: the model's n_positions)"),
+    ("ckpt", lambda v: v != "", "'last', 'best', or a DeepSpeed checkpoint tag or folder"),
+    ("device", usable_device, "'cpu', or 'cuda[:N]' with that GPU present"),
+]
+
+
 def fail(msg):
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 
 
-def open_run(out_dir, ckpt="last", precision="", device="cpu", eval_iters=0, data_dir=""):
-    """A train.py run's model and its val windows: (model, backend, precision, info, val_data,
-    offsets, micro_batch_size). precision defaults to the run's own; FP8 is emulated off CUDA.
-    Raises RunError, CheckpointError or data.DataError."""
+def read_run(out_dir):
+    """The keys of a run's run.json config that evaluation needs; exits on a missing or foreign file."""
     run_json = os.path.join(out_dir, "run.json")
-    if not os.path.isfile(run_json):
-        raise RunError(f"{run_json} not found: --out_dir must be a train.py run")
-    with open(run_json) as f:
-        run = json.load(f)["config"]
-    precision = precision or run["precision"]
-    if precision not in ("bf16", "fp8"):
-        raise RunError(f"--precision must be bf16 or fp8, got {precision!r}")
-    device_type = torch.device(device).type
-    fp8_backend = run["fp8_backend"] if device_type == "cuda" else "emulated"
-    backend = make_backend(precision, fp8_backend, run["fp8_recipe"], run["fp8_amax_history_len"],
-                           run["fp8_amax_compute_algo"], device_type)
-    model, info = load_trained(out_dir, ckpt, backend=backend, device=device)
-    block_size, micro = model.config.block_size, run["micro_batch_size"]
-    val_data = D.open_split(data_dir or run["data_dir"], "val", block_size, model.config.vocab_size)
-    offsets = D.val_offsets(run["seed"], (eval_iters or run["eval_iters"]) * micro, len(val_data), block_size)
-    return model, backend, precision, info, val_data, offsets, micro
-
-
-def main(argv):
-    defaults = dict(out_dir="out", precision="", eval_iters=0, ckpt="last", json=False, data_dir="",
-                    device="cuda" if torch.cuda.is_available() else "cpu")
-    cfg = configure_or_exit(defaults, argv)
-    problem = first_violation(cfg, [  # (key, test(value), what the value must be), the first broken rule stops
-        ("precision", *one_of("", "bf16", "fp8")),
-        ("eval_iters", lambda v: v >= 0, ">= 0 (0: the run's own eval_iters)"),
-        ("ckpt", lambda v: v != "", "'last', 'best', or a DeepSpeed checkpoint tag or folder"),
-        ("device", usable_device, "'cpu', or 'cuda[:N]' with that GPU present"),
-    ])
-    if problem:
-        fail(problem)
-    run_json = os.path.join(cfg["out_dir"], "run.json")
     try:
         with open(run_json) as f:
             run = json.load(f)["config"]
-        run_keys = ("precision", "fp8_backend", "fp8_recipe", "fp8_amax_history_len", "fp8_amax_compute_algo",
-                    "micro_batch_size", "eval_iters", "data_dir", "seed")
-        run = {k: run[k] for k in run_keys}
+        return {k: run[k] for k in RUN_KEYS}
     except OSError as e:
-        fail(f"{run_json}: {e.strerror}: --out_dir must be a train.py run")
+        fail(f"{run_json}: {e.strerror}: --out_dir must be a train.py run (or use --hf=DIR)")
     except (ValueError, KeyError, TypeError) as e:
         fail(f"{run_json} is not a run.json written by train.py ({type(e).__name__}: {e})")
-    precision = cfg["precision"] or run["precision"]
-    device_type = torch.device(cfg["device"]).type
+
+
+def load(out_dir="out", hf="", ckpt="last", precision="", eval_iters=0, data_dir="", block_size=0, device="cpu"):
+    """A model to evaluate and the val windows to evaluate it on, for every bench script:
+    a train.py run (out_dir: its checkpoint, run config and train.py's own val windows), or
+    with hf a Hugging Face GPT-2 directory (data_dir needed; block_size defaults to the
+    model's n_positions). Bad input: one line on stderr and exit status 2."""
+    problem = first_violation(dict(precision=precision, eval_iters=eval_iters, block_size=block_size, ckpt=ckpt,
+                                   device=device), LOAD_RULES)
+    if problem:
+        fail(problem)
+    if hf:
+        if out_dir != LOAD_DEFAULTS["out_dir"]:
+            fail("give --out_dir=RUN or --hf=DIR, not both")
+        if not data_dir:
+            fail("--hf needs --data_dir (a directory prepared by prepare_openwebtext.py)")
+        if precision not in ("", "bf16"):
+            fail("--hf models are evaluated in bf16 (they carry no FP8 scaling state)")
+        run = dict(HF_RUN, data_dir=data_dir)
+    else:
+        if block_size:
+            fail("--block_size is for --hf models; a run is evaluated at the block size it was trained with")
+        run = read_run(out_dir)
+    precision = precision or run["precision"]
+    device_type = torch.device(device).type
     fp8_backend = run["fp8_backend"] if device_type == "cuda" else "emulated"
     try:
         backend = make_backend(precision, fp8_backend, run["fp8_recipe"], run["fp8_amax_history_len"],
                                run["fp8_amax_compute_algo"], device_type)
-        model, info = load_trained(cfg["out_dir"], cfg["ckpt"], backend=backend, device=cfg["device"])
+        if hf:
+            model, info = load_hf(hf, backend=backend, device=device, block_size=block_size or None)
+        else:
+            model, info = load_trained(out_dir, ckpt, backend=backend, device=device)
     except (CheckpointError, ValueError, RuntimeError) as e:
         fail(e)
     block_size, micro = model.config.block_size, run["micro_batch_size"]
-    eval_iters = cfg["eval_iters"] or run["eval_iters"]
+    eval_iters = eval_iters or run["eval_iters"]
+    data_dir = data_dir or run["data_dir"]
     try:
-        val_data = D.open_split(cfg["data_dir"] or run["data_dir"], "val", block_size, model.config.vocab_size)
+        val_data = D.open_split(data_dir, "val", block_size, info.get("hf_vocab_size", model.config.vocab_size))
     except D.DataError as e:
         fail(e)
     offsets = D.val_offsets(run["seed"], eval_iters * micro, len(val_data), block_size)
-    result = evaluate(model, val_data, offsets, block_size, micro, backend)
-    result.update(out_dir=cfg["out_dir"], ckpt=cfg["ckpt"], iter=info.get("iter"), precision=precision,
+    return SimpleNamespace(model=model, info=info, backend=backend, precision=precision, run=run, name=hf or out_dir,
+                           val_data=val_data, offsets=offsets, block_size=block_size, micro_batch_size=micro,
+                           data_dir=data_dir, vocab_size=info.get("hf_vocab_size", GPT2_VOCAB_SIZE))
+
+
+def main(argv):
+    cfg = configure_or_exit(dict(LOAD_DEFAULTS, json=False), argv)
+    ev = load(**{k: cfg[k] for k in LOAD_DEFAULTS})
+    model, info, precision, offsets = ev.model, ev.info, ev.precision, ev.offsets
+    result = evaluate(model, ev.val_data, offsets, ev.block_size, ev.micro_batch_size, ev.backend)
+    result.update(out_dir=ev.name, ckpt=cfg["ckpt"], iter=info.get("iter"), precision=precision,
                   windows=len(offsets))
 
-    print(f"{cfg['out_dir']} ({cfg['ckpt']}, iter {info.get('iter')}), {precision}: "
+    print(f"{ev.name} ({cfg['ckpt']}, iter {info.get('iter')}), {precision}: "
           f"val loss {result['val_loss']:.4f}, val ppl {result['val_ppl']:.2f} over {len(offsets)} windows")
     cols = ("top1", "top2", "top3", "median", "mean_abs", "kurtosis")
     print(f"{'layer':>5} {'output':>6} " + " ".join(f"{c:>10}" for c in cols))

@@ -142,9 +142,10 @@ def fig_act_max(summaries, names, rows_by_run, precision, title):
 def block_output_histogram(out_dir, hist_iters, device, bins=201):
     """(bin edges, counts) of every block output value of the last checkpoint on hist_iters
     val batches: one pass for the range (eval.py's statistics), one to count."""
-    from bench.eval import evaluate, open_run
-    model, backend, _, info, val_data, offsets, micro = open_run(out_dir, "last", device=device, eval_iters=hist_iters)
-    block_size = model.config.block_size
+    from bench.eval import evaluate, load
+    ev = load(out_dir, ckpt="last", device=device, eval_iters=hist_iters)
+    model, backend, info, val_data, offsets = ev.model, ev.backend, ev.info, ev.val_data, ev.offsets
+    block_size, micro = ev.block_size, ev.micro_batch_size
     stats = evaluate(model, val_data, offsets, block_size, micro, backend)
     limit = max(layer["block"]["top1"] for layer in stats["layers"])
     counts = torch.zeros(bins, dtype=torch.float64)

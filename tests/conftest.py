@@ -97,3 +97,15 @@ def train_row(it, iter_time_s, act_peak=1.0, mem_peak_gb=1.0):
 
 def eval_row(it, ppl):
     return {"iter": it, "val_loss": math.log(ppl), "val_ppl": ppl}
+
+
+def hf_gpt2(tmp_path_factory):
+    """A small randomly initialised GPT2LMHeadModel saved by transformers itself (safetensors),
+    with GPT-2's vocabulary so that it reads the demo corpus: (directory, the model)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=4)).eval()
+    d = tmp_path_factory.mktemp("hf") / "gpt2_tiny"
+    hf.save_pretrained(d)
+    return str(d), hf

@@ -107,3 +107,20 @@ def test_bad_input_is_one_line_naming_the_file(runs, tmp_path, case):
     r = subprocess.run([sys.executable, "bench/eval.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), r.stderr
+
+
+def test_a_hugging_face_gpt2_is_evaluated_on_a_data_dir(hf_gpt2, demo_data):
+    import data as D
+    hf_dir, hf = hf_gpt2
+    result = run_eval(f"--hf={hf_dir}", f"--data_dir={demo_data}", "--eval_iters=2")
+    # the windows: train.py's defaults (seed 1337, 2 x 8 windows) of the model's 64 positions
+    val = D.open_split(demo_data, "val", 64)
+    x, y = D.get_batch(val, D.val_offsets(1337, 16, len(val), 64), 64, torch.device("cpu"))
+    with torch.no_grad():
+        want = torch.nn.functional.cross_entropy(hf(x).logits.transpose(1, 2), y)
+    assert result["windows"] == 16 and result["out_dir"] == hf_dir
+    assert result["val_loss"] == pytest.approx(want.item(), rel=2e-3)  # ours runs in bf16, transformers in fp32
+    for args, message in [([f"--hf={hf_dir}"], "--hf needs --data_dir"),
+                          ([f"--hf={hf_dir}", "--out_dir=x", f"--data_dir={demo_data}"], "not both")]:
+        r = subprocess.run([sys.executable, "bench/eval.py", *args], cwd=REPO, capture_output=True, text=True)
+        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -1,7 +1,9 @@
-"""model.py: sizes, the TWEO term (value, gradient, memory), forward outputs, generation."""
+"""model.py: sizes, the TWEO term (value, gradient, memory), forward outputs, generation, HF GPT-2 loading."""
+import json
 import math
 import os
 import runpy
+import shutil
 import subprocess
 import sys
 
@@ -346,3 +348,40 @@ def test_invasive_options_train_under_zero3_in_fp8_and_round_trip(demo_data, tmp
     loss = D.evaluate(model, val, offsets, cfg["block_size"], cfg["micro_batch_size"], torch.device("cpu"), lambda: backend.autocast(model))
     logged = [r["val_loss"] for r in rows if "val_loss" in r][-1]
     assert abs(loss - logged) < 1e-3, (loss, logged)
+
+
+# ---- Hugging Face GPT-2 checkpoints ------------------------------------------------------
+
+@pytest.mark.parametrize("safe", [True, False])
+def test_hf_gpt2_logits_equal_transformers(hf_gpt2, tmp_path, safe):
+    from model import hf_gpt2_state, load_hf
+    hf_dir, hf = hf_gpt2
+    if not safe:  # an older checkpoint: a torch state dict (transformers 5 writes only safetensors)
+        shutil.copy(os.path.join(hf_dir, "config.json"), tmp_path)
+        torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+        hf_dir = str(tmp_path)
+    ours, info = load_hf(hf_dir, dtype=torch.float32)
+    assert ours.config.vocab_size == 50304 and info["hf_vocab_size"] == 50257 and ours.config.block_size == 64
+    idx = torch.randint(0, 50257, (3, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = hf(idx).logits
+        got = ours(idx, idx).logits
+    torch.testing.assert_close(got[..., :50257], want, rtol=1e-5, atol=1e-5)
+    assert torch.all(got[..., 50257:] == -float("inf"))  # the padding is never predicted nor sampled
+    assert torch.all(ours.transformer.wte.weight[50257:] == 0)
+    assert ours.lm_head.weight is ours.transformer.wte.weight
+    state, args, n_vocab = hf_gpt2_state(hf_dir, block_size=32)  # wpe cropped, as for a shorter block
+    assert state["transformer.wpe.weight"].shape == (32, 32) and args["block_size"] == 32
+
+
+def test_hf_directories_that_do_not_fit_fail_clearly(hf_gpt2, tmp_path):
+    from model import CheckpointError, load_hf
+    with pytest.raises(CheckpointError, match="config.json unreadable"):
+        load_hf(str(tmp_path))
+    cfg = json.load(open(os.path.join(hf_gpt2[0], "config.json")))
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, activation_function="relu")))
+    with pytest.raises(CheckpointError, match="activation_function='relu'"):
+        load_hf(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="neither model.safetensors nor pytorch_model.bin"):
+        load_hf(str(tmp_path))

@@ -86,3 +86,11 @@ def test_a_truncated_or_foreign_model_file_is_named_in_one_line(runs, tmp_path, 
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {path}"), r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_hugging_face_gpt2_samples_within_its_vocabulary(hf_gpt2):
+    r = sample(f"--hf={hf_gpt2[0]}", "--start=Hello", "--num_samples=2", "--max_new_tokens=30", "--seed=2",
+               "--print_json", "--top_k=50257")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(rows) == 2 and all(len(row["tokens"]) == 30 and max(row["tokens"]) < 50257 for row in rows)

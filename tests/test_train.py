@@ -146,7 +146,7 @@ def test_bad_input_one_line_nonzero_exit_nothing_written(demo_data, tmp_path):
 RULE_CASES = [
     ("--out_dir={tmp}/file", "out_dir='{tmp}/file' must be a directory this user can write, or create"),
     ("--out_dir={tmp}/file/run", "out_dir='{tmp}/file/run' must be a directory"),
-    ("--init_from=Resume", "init_from='Resume' must be one of 'scratch', 'resume'"),
+    ("--init_from=Resume", "init_from='Resume' must be 'scratch', 'resume' or a Hugging Face GPT-2 directory"),
     ("--seed=-1", "seed=-1 must be in [0, 2**32)"),
     ("--n_layer=0", "n_layer=0 must be >= 1"),
     ("--n_head=0", "n_head=0 must be >= 1"),
@@ -399,3 +399,20 @@ def test_a_full_disk_during_a_checkpoint_loses_nothing(demo_data, tmp_path):
         shutil.copytree(out_dir, f"{tmp_path}/copy")  # resumable, on a disk with room
     train(1, *args[:1], f"--out_dir={tmp_path}/copy", *args[2:], "--max_iters=9", "--init_from=resume")
     assert [r["iter"] for r in metrics(f"{tmp_path}/copy") if r.get("event") == "resume"] == [8]
+
+
+def test_init_from_a_hugging_face_directory_starts_from_its_weights(hf_gpt2, demo_data, tmp_path):
+    from model import hf_gpt2_state
+    out_dir = tmp_path / "from_hf"
+    r = train(1, f"--data_dir={demo_data}", f"--out_dir={out_dir}", "--init_from=/nonexistent", check=False)
+    assert r.returncode == 2 and "a Hugging Face GPT-2 directory" in r.stderr and not out_dir.exists()
+    # learning rate 0: the checkpoint after one step holds the Hugging Face weights, in our layout and bf16
+    train(1, f"--data_dir={demo_data}", f"--out_dir={out_dir}", f"--init_from={hf_gpt2[0]}", "--max_iters=1",
+          "--learning_rate=0.0", "--min_lr=0.0", "--warmup_iters=0", "--lr_decay_iters=1", "--eval_interval=1",
+          "--ckpt_interval=1", "--log_interval=1")
+    saved = torch.load(out_dir / "model_last.pt", weights_only=True)
+    assert {k: saved["model_args"][k] for k in ("n_layer", "n_head", "n_embd", "vocab_size")} == \
+        dict(n_layer=2, n_head=4, n_embd=32, vocab_size=50304)  # configs/tiny.py's 2 x 64 (2 heads) gave way
+    state, _, _ = hf_gpt2_state(hf_gpt2[0], 50304, 64)
+    for k, v in state.items():
+        assert torch.equal(saved["model"][k], v.bfloat16()), k

@@ -1,0 +1,201 @@
+"""bench/ptq.py: Eq. 4 by hand, where quantization applies, the outlier mechanism of Table 3
+on a planted outlier, SmoothQuant's folding, and the command line."""
+import copy
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import data as D
+from bench.eval import evaluate, load
+from bench.ptq import calibrate, fake_quant, ptq_table, quantized, settings, smoothed
+from conftest import REPO
+
+
+def eq4(x, bits, axis=None):
+    """Eq. 4 in float64 numpy; numpy's round is half to even, as torch's."""
+    x = np.asarray(x, dtype=np.float64)
+    q = 2 ** (bits - 1) - 1
+    s = (np.abs(x).max() if axis is None else np.abs(x).max(axis=axis, keepdims=True)) + 1e-8
+    return np.round(x / s * q) / q * s
+
+
+def test_fake_quant_is_eq4_by_hand():
+    # max 127 at 8 bits and max 7 at 4 bits make s/Q_b = 1: X_q is X rounded, half to even
+    x8 = torch.tensor([[127.0, -63.5, 0.5, 2.5, -1.25, 10.2], [1.0, 2.0, -3.0, 0.49, 0.0, 4.0]])
+    assert fake_quant(x8, 8, "tensor").tolist() == [[127, -64, 0, 2, -1, 10], [1, 2, -3, 0, 0, 4]]
+    x4 = torch.tensor([7.0, 3.5, -2.5, 0.5, 1.4, -6.6])
+    assert fake_quant(x4, 4, "tensor").tolist() == [7, 4, -2, 0, 1, -7]
+    # per channel (row of [out, in]): row 1 has s = 4, so X_q = round(X * 127 / 4)
+    got = fake_quant(x8, 8, "channel")
+    assert got[0].tolist() == [127, -64, 0, 2, -1, 10]
+    assert torch.allclose(got[1], torch.tensor([32, 64, -95, 16, 0, 127]) * 4 / 127, rtol=0, atol=1e-6)
+    # general values, every granularity, 8 and 4 bits, against the float64 formula
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 16, generator=g) * torch.tensor([1.0, 50.0, 0.01])[:, None, None]
+    for bits in (8, 4):
+        want = {"tensor": eq4(x, bits), "token": eq4(x, bits, axis=-1), "channel": eq4(x[0], bits, axis=1)}
+        for gran, w in want.items():
+            got = fake_quant(x[0] if gran == "channel" else x, bits, gran).double().numpy()
+            step = np.abs(np.asarray(x[0] if gran == "channel" else x)).max() / (2 ** (bits - 1) - 1)
+            assert np.abs(got - w).max() < 1e-5 * step, (gran, bits)
+            levels = len(np.unique(np.round(got / (np.abs(w).max() / (2 ** (bits - 1) - 1)))))
+            assert levels <= 2 ** bits - 1
+    # a static (calibrated) scale clips beyond it; the dtype is kept
+    assert fake_quant(torch.tensor([127.0, 10.0]), 8, "tensor", amax=63.5).tolist() == [63.5, 10.0]
+    assert fake_quant(x8.bfloat16(), 8, "token").dtype == torch.bfloat16
+    with pytest.raises(ValueError):
+        fake_quant(x8, 8, "row")
+
+
+@pytest.fixture(scope="module")
+def trained(runs):
+    ev = load(out_dir=runs["bf16"], precision="bf16")
+    ev.train_data = D.open_split(ev.data_dir, "train", ev.block_size)
+    return ev
+
+
+def on_grid(v, bits=8):
+    """Every vector along the last dim takes values k * max|v| / Q_b, k integer."""
+    v = v.float().reshape(-1, v.shape[-1])
+    k = v / (v.abs().amax(dim=1, keepdim=True) / (2 ** (bits - 1) - 1))
+    return bool(torch.all((k - k.round()).abs() < 0.02))
+
+
+def test_quantization_reaches_every_gemm_and_leaves_the_trained_model_alone(trained):
+    model = trained.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    q = quantized(model, 8, "channel", "token", residual=True)
+    for name, m in model.named_modules():
+        if hasattr(m, "weight") and name.endswith(("c_attn", "c_proj", "c_fc", "lm_head")):
+            assert torch.equal(dict(q.named_modules())[name].weight, fake_quant(m.weight, 8, "channel")), name
+    assert torch.equal(q.transformer.wte.weight, model.transformer.wte.weight)  # the lookup is not quantized
+    assert not torch.equal(q.lm_head.weight, q.transformer.wte.weight)  # the head got its own quantized copy
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # nothing changed in place
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+    seen = {}
+    x, _ = D.get_batch(trained.val_data, trained.offsets[:2], trained.block_size, torch.device("cpu"))
+    hooks = [q.transformer.h[1].mlp.c_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("fc_proj", a[0])),
+             q.transformer.h[1].register_forward_hook(lambda m, a, out: seen.__setitem__("residual", out)),
+             q.transformer.h[0].register_forward_pre_hook(lambda m, a: seen.__setitem__("embedding", a[0]))]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        q(x)
+        qkv_input = q.transformer.h[0].attn.c_attn.layer_norm(seen["embedding"])
+    for h in hooks:
+        h.remove()
+    for name, v in dict(seen, qkv_input=qkv_input).items():
+        if name != "embedding":  # the block-0 input is quantized after this hook saw it
+            assert on_grid(v), name
+    assert not on_grid(model.transformer.h[0].attn.c_attn.layer_norm(seen["embedding"]))
+
+
+def plant_ffn_outlier(model, tokens, factor=1000.0):
+    """One FFN channel of block 0 made x1000 larger by scaling the weights that write it
+    (c_fc's row k) and dividing those that read it (c_proj's column k): the channel that
+    fires (GELU input > 0) on the fewest of `tokens`, yet on some, as massive activations
+    do. gelu(1000 h) / 1000 ~ relu(h): the model computes nearly the same function, now
+    through one extreme activation."""
+    model = copy.deepcopy(model)
+    mlp = model.transformer.h[0].mlp
+    pre = []
+    hook = mlp.c_fc.register_forward_hook(lambda m, a, out: pre.append(out.float().reshape(-1, out.shape[-1])))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(tokens)
+    hook.remove()
+    rate = (torch.cat(pre) > 0).float().mean(dim=0)
+    k = int(torch.where(rate > 0.005, rate, 2.0).argmin())
+    with torch.no_grad():
+        mlp.c_fc.weight[k] *= factor
+        mlp.c_fc.bias[k] *= factor
+        mlp.c_proj.weight[:, k] /= factor
+    return model
+
+
+def test_a_planted_outlier_breaks_per_tensor_activations_not_per_token(trained):
+    clean = ptq_table(trained, bits=8, calib_windows=8)
+    planted_ev = copy.copy(trained)
+    offsets = D.train_offsets(trained.run["seed"], 0, 8, len(trained.train_data), trained.block_size)
+    planted_ev.model = plant_ffn_outlier(trained.model, D.get_batch(trained.train_data, offsets, trained.block_size,
+                                                                    torch.device("cpu"))[0])
+    planted = ptq_table(planted_ev, bits=8, calib_windows=8)
+    print({k: (round(clean[k], 3), round(planted[k], 3)) for k in clean})
+    # without the outlier per-tensor and per-token activations stay close (and near BF16)
+    assert abs(clean["A8(T)"] - clean["A8(K)"]) < 0.01 * clean["BF16"]
+    # the plant keeps the model (BF16 PPL) but per-tensor activation scales now collapse
+    assert abs(planted["BF16"] - clean["BF16"]) < 0.01 * clean["BF16"]
+    assert planted["A8(T)"] - planted["BF16"] > 10 * abs(planted["A8(K)"] - planted["BF16"])
+    assert planted["A8(T)"] > 1.05 * planted["BF16"]
+    assert planted["W8(C)A8(T)"] > 1.05 * planted["BF16"] and planted["W8(C)A8(K)"] < 1.01 * planted["BF16"]
+
+
+def test_smoothquant_folds_exactly_and_undoes_a_channel_outlier(trained):
+    offsets = D.train_offsets(trained.run["seed"], 0, 8, len(trained.train_data), trained.block_size)
+    # a channel outlier in the fc input, every token: LayerNorm weight x1000, fc columns / 1000
+    model = copy.deepcopy(trained.model)
+    fc = model.transformer.h[0].mlp.c_fc
+    with torch.no_grad():
+        fc.layer_norm_weight[3] *= 1000
+        fc.layer_norm_bias[3] *= 1000
+        fc.weight[:, 3] /= 1000
+    ev = copy.copy(trained)
+    ev.model = model
+    amax = calibrate(model, ev, offsets)
+    assert amax["transformer.h.0.mlp.c_fc"][3] > 100 * amax["transformer.h.0.mlp.c_fc"].median()
+    x, y = D.get_batch(trained.val_data, trained.offsets[:4], trained.block_size, torch.device("cpu"))
+    with torch.no_grad():  # the folding keeps the function (checked in fp32, free of bf16 rounding)
+        exact = smoothed(copy.deepcopy(model).float(), amax, 0.5)
+        a, b = model.float()(x, y).logits, exact(x, y).logits
+    model.bfloat16()
+    assert (a - b).abs().max() < 1e-3 * a.abs().max()
+    smooth = smoothed(model, amax, 0.5)
+    assert torch.equal(smooth.transformer.wte.weight, model.transformer.wte.weight)  # the head took a copy
+    smooth_amax = calibrate(smooth, ev, offsets)
+    ratio = lambda a: (a[3] / a.median()).item()  # noqa: E731
+    assert ratio(smooth_amax["transformer.h.0.mlp.c_fc"]) < ratio(amax["transformer.h.0.mlp.c_fc"]) / 100
+
+    def ppl(m, transform=None):
+        return evaluate(m, ev.val_data, ev.offsets, ev.block_size, ev.micro_batch_size, ev.backend, stats=False,
+                        transform=transform)["val_ppl"]
+    bf16 = ppl(model)
+    base = ppl(model, lambda m: quantized(m, 8, "channel", "token"))
+    fixed = ppl(smooth, lambda m: quantized(m, 8, "channel", "token"))
+    print(f"BF16 {bf16:.3f}, W8(C)A8(K) AbsMax {base:.3f}, SmoothQuant {fixed:.3f}")
+    assert base > 1.05 * bf16 and fixed < 1.01 * bf16  # per-token cannot help a channel outlier; smoothing can
+
+
+def run_ptq(*args):
+    return subprocess.run([sys.executable, "bench/ptq.py", *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_the_command_line_prints_table_3_and_one_json_line_per_model(runs, hf_gpt2, demo_data):
+    r = run_ptq(f"--out_dir={runs['bf16']}", f"--out_dir={runs['fp8_tweo']}", f"--hf={hf_gpt2[0]}",
+                f"--data_dir={demo_data}", "--calib_windows=4", "--json")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    rows = [json.loads(line) for line in lines[-3:]]
+    assert all(list(row) == list(settings(8)) for row in rows)
+    assert list(settings(8)) == ["BF16", "A8(T)", "A8(K)", "W8(T)", "W8(C)", "W8(T)A8(T)", "W8(T)A8(K)",
+                                 "W8(C)A8(T)", "W8(C)A8(K)"]
+    assert "W4(C)A4(K)" in settings(4)
+    assert "Table 3" in r.stdout and "per-token" in r.stdout
+    for row, (key, target) in zip(rows, [("out_dir", runs["bf16"]), ("out_dir", runs["fp8_tweo"]),
+                                         ("hf", hf_gpt2[0])]):
+        e = subprocess.run([sys.executable, "bench/eval.py", f"--{key}={target}", f"--data_dir={demo_data}",
+                            "--precision=bf16", "--json"], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert e.returncode == 0, e.stderr
+        assert row["BF16"] == pytest.approx(json.loads(e.stdout.strip().splitlines()[-1])["val_ppl"], rel=1e-12)
+        assert row["W8(C)A8(K)"] != row["BF16"]
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "give the models to quantize"),
+    (["--out_dir=/nonexistent", "--bits=1"], "--bits must be in 2..16"),
+    (["--out_dir=/nonexistent"], "/nonexistent/run.json not found"),
+])
+def test_bad_input_fails_with_one_line(args, message):
+    r = run_ptq(*args)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr
