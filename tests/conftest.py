@@ -61,8 +61,6 @@ def runs(demo_data, tmp_path_factory):
     return out
 
 
-
-
 @pytest.fixture(scope="session")
 def collapsed_run(demo_data, tmp_path_factory):
     """A 1-rank FP8 run of the `runs` schedule whose loss is made NaN at iteration 10: it
@@ -99,6 +97,7 @@ def eval_row(it, ppl):
     return {"iter": it, "val_loss": math.log(ppl), "val_ppl": ppl}
 
 
+@pytest.fixture(scope="session")
 def hf_gpt2(tmp_path_factory):
     """A small randomly initialised GPT2LMHeadModel saved by transformers itself (safetensors),
     with GPT-2's vocabulary so that it reads the demo corpus: (directory, the model)."""
