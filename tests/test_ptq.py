@@ -59,10 +59,11 @@ def trained(runs):
 
 
 def on_grid(v, bits=8):
-    """Every vector along the last dim takes values k * max|v| / Q_b, k integer."""
+    """Every vector along the last dim takes values k * max|v| / Q_b, k integer, up to the
+    bf16 rounding of the dequantized values (a relative 2^-8)."""
     v = v.float().reshape(-1, v.shape[-1])
     k = v / (v.abs().amax(dim=1, keepdim=True) / (2 ** (bits - 1) - 1))
-    return bool(torch.all((k - k.round()).abs() < 0.02))
+    return bool(torch.all((k - k.round()).abs() <= k.abs() * 2 ** -8 + 1e-3))
 
 
 def test_quantization_reaches_every_gemm_and_leaves_the_trained_model_alone(trained):
@@ -88,7 +89,7 @@ def test_quantization_reaches_every_gemm_and_leaves_the_trained_model_alone(trai
     for h in hooks:
         h.remove()
     for name, v in dict(seen, qkv_input=qkv_input).items():
-        if name != "embedding":  # the block-0 input is quantized after this hook saw it
+        if name != "embedding":
             assert on_grid(v), name
     assert not on_grid(model.transformer.h[0].attn.c_attn.layer_norm(seen["embedding"]))
 
