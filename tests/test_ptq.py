@@ -196,7 +196,7 @@ def test_the_command_line_prints_table_3_and_one_json_line_per_model(runs, hf_gp
 @pytest.mark.parametrize("args, message", [
     ([], "give the models to quantize"),
     (["--out_dir=/nonexistent", "--bits=1"], "--bits must be in 2..16"),
-    (["--out_dir=/nonexistent"], "/nonexistent/run.json not found"),
+    (["--out_dir=/nonexistent"], "/nonexistent/run.json: No such file or directory"),
 ])
 def test_bad_input_fails_with_one_line(args, message):
     r = run_ptq(*args)
