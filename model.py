@@ -279,17 +279,18 @@ def load_trained(out_dir, ckpt="last", backend=None, device="cpu"):
     """A trained GPT from out_dir: the consolidated model_{ckpt}.pt that train.py writes,
     or, when ckpt is a DeepSpeed checkpoint tag or folder, the ZeRO-3 shards themselves
     (gathered on CPU with DeepSpeed's zero_to_fp32). Returns (model, run info) with the
-    model in bf16 (FP8 scaling state in fp32), in eval mode. Raises CheckpointError."""
-    from precision import keep_fp8_state_fp32
+    model in bf16 (FP8 scaling state in fp32), in eval mode. Raises CheckpointError, also
+    when a Transformer Engine model would be evaluated without the checkpoint's FP8 state
+    (TE's scales would all be 1.0: it only updates them when training)."""
+    from precision import keep_fp8_state_fp32, load_te_fp8_state
 
     path = os.path.join(out_dir, f"model_{ckpt}.pt")
     if os.path.isfile(path):
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        state, args, extra = saved["model"], saved["model_args"], saved.get("fp8_extra_state", {})
+        state, args, te_state = saved["model"], saved["model_args"], saved.get("fp8_te_state", {})
         info = {k: saved.get(k) for k in ("config", "iter", "val_loss")}
     else:
-        state, args, info = _load_zero_checkpoint(out_dir, ckpt)
-        extra = {}
+        state, args, info, te_state = _load_zero_checkpoint(out_dir, ckpt)
     model = GPT(GPTConfig(**args), backend)
     model.to(device=device, dtype=torch.bfloat16)  # as under DeepSpeed bf16 ...
     keep_fp8_state_fp32(model)  # ... with the FP8 scaling state in fp32, loaded below without rounding
@@ -299,13 +300,19 @@ def load_trained(out_dir, ckpt="last", backend=None, device="cpu"):
             raise CheckpointError(f"{k} has shape {tuple(v.shape)} in the checkpoint but {tuple(expected[k].shape)} "
                                   f"in the model: a checkpoint of another size or vocabulary")
     # FP8 scaling state only exists in FP8 models; anything else must match exactly
-    state = {k: v for k, v in state.items() if ".fp8_" not in k or k in expected}
-    missing, unexpected = model.load_state_dict({**state, **{k: v for k, v in extra.items() if k in expected}}, strict=False)
+    state = {k: v for k, v in state.items() if (".fp8_" not in k or k in expected) and not k.endswith("_extra_state")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if ".fp8_" not in k and not k.endswith("_extra_state")]
     if missing or unexpected:
         raise CheckpointError(f"checkpoint does not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
-    info["trained_in_fp8"] = any(".fp8_" in k for k in state) or bool(extra) or \
+    info["trained_in_fp8"] = any(".fp8_" in k for k in state) or bool(te_state) or \
         (info.get("config") or {}).get("precision") == "fp8"
+    if getattr(model.backend, "name", None) == "te":
+        if not te_state:
+            raise CheckpointError(f"{out_dir} ({ckpt}) holds no Transformer Engine FP8 scaling state (a run trained "
+                                  f"with another FP8 backend, or an older checkpoint): TE would evaluate with every "
+                                  f"scale at 1.0. Evaluate with the emulated or torch backend, or in bf16")
+        load_te_fp8_state(model, te_state, model.backend.recipe)
     return model.eval(), info
 
 
@@ -328,4 +335,13 @@ def _load_zero_checkpoint(out_dir, ckpt):
     root, tag = os.path.split(os.path.abspath(tag_dir))
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed reports progress on stdout
         state = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
-    return dict(state), run["model_args"], {"config": run["config"], "iter": None, "val_loss": None}
+    # train.py's client state (TE's FP8 scaling state among it) sits in the model-states file
+    client = {}
+    model_states = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
+    if os.path.isfile(model_states):
+        try:
+            client = torch.load(model_states, map_location="cpu", weights_only=True)
+        except Exception:  # a file with objects beyond plain tensors and containers: no TE state then
+            client = {}
+    return (dict(state), run["model_args"], {"config": run["config"], "iter": None, "val_loss": None},
+            client.get("fp8_te_state") or {})

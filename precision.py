@@ -419,6 +419,97 @@ def fp8_telemetry(model):
 # ----------------------------------------------------------------------------------------
 # Transformer Engine. Every Linear and LayerNorm, the final LN and the LM head included,
 # runs under FP8. Imported only when chosen, so CPU machines never need it.
+#
+# TE keeps a module's delayed-scaling state in fp8_meta["scaling_fwd"] (input, weight,
+# output) and fp8_meta["scaling_bwd"] (grad_output, grad_input), each with .scale[n] and
+# .amax_history[H, n]. Its fused update (delayed_scaling.cu) rolls the history so that the
+# newest amax ends in the LAST row, forward at autocast exit, backward at the end of
+# backward. Its own checkpoint format pickles the recipe into _extra_state, which TE >= 2.18
+# refuses to load unless NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1 (and DeepSpeed loads module
+# states strictly, _extra_state included): our TE layers save an empty _extra_state and the
+# scales and histories travel as plain tensors (te_fp8_state / load_te_fp8_state).
+
+TE_ROLE_SLOTS = (("scaling_fwd", 0), ("scaling_fwd", 1), ("scaling_bwd", 0))  # ROLES in TE's meta
+ROLE_MAXES = tuple(fp8_max(d) for d in ROLE_DTYPES)
+
+
+def te_fp8_modules(model):
+    """(name, module) of every module holding TE delayed-scaling state."""
+    out = []
+    for name, m in model.named_modules():
+        meta = getattr(m, "fp8_meta", None)
+        if isinstance(meta, dict) and all(hasattr(meta.get(k), "amax_history") for k in ("scaling_fwd", "scaling_bwd")):
+            out.append((name, m))
+    return out
+
+
+@torch.no_grad()
+def te_fp8_state(model):
+    """The TE scaling state of a model as plain CPU tensors, {'NAME.scaling_fwd.scale': ...}."""
+    state = {}
+    for name, m in te_fp8_modules(model):
+        for key in ("scaling_fwd", "scaling_bwd"):
+            state[f"{name}.{key}.scale"] = m.fp8_meta[key].scale.detach().float().cpu().clone()
+            state[f"{name}.{key}.amax_history"] = m.fp8_meta[key].amax_history.detach().float().cpu().clone()
+    return state
+
+
+@torch.no_grad()
+def load_te_fp8_state(model, state, recipe):
+    """Put te_fp8_state() back into TE modules, initialising their FP8 metadata for `recipe`
+    first as TE's own set_extra_state does (a later first forward keeps tensors that are
+    already initialised for a delayed-scaling recipe). Returns the number of modules set."""
+    n = 0
+    for name, m in model.named_modules():
+        if not hasattr(m, "init_fp8_meta_tensors") or f"{name}.scaling_fwd.scale" not in state:
+            continue
+        m.fp8_meta["recipe"] = recipe
+        m.init_fp8_meta_tensors(recipe)
+        for key in ("scaling_fwd", "scaling_bwd"):
+            m.fp8_meta[key].scale.copy_(state[f"{name}.{key}.scale"])
+            m.fp8_meta[key].amax_history.copy_(state[f"{name}.{key}.amax_history"])
+        n += 1
+    return n
+
+
+class SaturationCounter:
+    """TE counts no saturated elements; this counts (GEMM, role, micro-batch) triples whose
+    newest amax times the scale that micro-batch used exceeds the format's maximum, i.e.
+    the tensors that were clipped. step() runs before every training micro-batch: it scores
+    the previous micro-batch against the scales snapshotted before it, then snapshots the
+    current scales. read() scores the last micro-batch and returns the count since the last read."""
+
+    def __init__(self):
+        self.scales, self.count = None, 0
+
+    @staticmethod
+    def _state(model):
+        metas = [m.fp8_meta for _, m in te_fp8_modules(model)]
+        scale = torch.stack([torch.stack([meta[k].scale[i] for k, i in TE_ROLE_SLOTS]) for meta in metas])
+        amax = torch.stack([torch.stack([meta[k].amax_history[-1, i] for k, i in TE_ROLE_SLOTS]) for meta in metas])
+        return scale.float(), amax.float()
+
+    @torch.no_grad()
+    def _score(self, model):
+        if self.scales is not None:
+            _, amax = self._state(model)
+            maxes = torch.tensor(ROLE_MAXES, device=amax.device)
+            self.count += int((amax * self.scales > maxes).sum())
+            self.scales = None
+
+    @torch.no_grad()
+    def step(self, model):
+        if not te_fp8_modules(model):
+            return  # before the first FP8 forward TE has not allocated its state
+        self._score(model)
+        self.scales = self._state(model)[0].clone()
+
+    def read(self, model):
+        if te_fp8_modules(model):
+            self._score(model)
+        count, self.count = self.count, 0
+        return count
+
 
 class TransformerEngineBackend:
     name = "te"
@@ -434,18 +525,22 @@ class TransformerEngineBackend:
         else:
             self.recipe = Float8CurrentScaling(fp8_format=Format.HYBRID)
         self.amax_reduction_group = amax_reduction_group
+        self.saturation = SaturationCounter()
         # TE's default init differs from GPT-2's: pass ours explicitly
         init = lambda std: (lambda w: nn.init.normal_(w, mean=0.0, std=std))
-        self.Linear = lambda i, o, bias=True, init_std=0.02: te.Linear(
+        Linear, LayerNormLinear = _without_pickled_extra_state(te.Linear), _without_pickled_extra_state(te.LayerNormLinear)
+        self.Linear = lambda i, o, bias=True, init_std=0.02: Linear(
             i, o, bias=bias, init_method=init(init_std), params_dtype=torch.get_default_dtype())
-        self.LayerNormLinear = lambda i, o, bias=True, init_std=0.02: te.LayerNormLinear(
+        self.LayerNormLinear = lambda i, o, bias=True, init_std=0.02: LayerNormLinear(
             i, o, bias=bias, eps=1e-5, init_method=init(init_std), params_dtype=torch.get_default_dtype())
 
     def autocast(self, model=None):
+        if model is not None and torch.is_grad_enabled():  # a training micro-batch
+            self.saturation.step(model)
         group = self.amax_reduction_group
         if group is None and torch.distributed.is_available() and torch.distributed.is_initialized():
             group = torch.distributed.group.WORLD  # amax max-reduced over the data-parallel group
-        if hasattr(self.te, "autocast"):  # TE >= 2.8
+        if hasattr(self.te, "autocast"):  # TE >= 2.9
             return self.te.autocast(enabled=True, recipe=self.recipe, amax_reduction_group=group)
         return self.te.fp8_autocast(enabled=True, fp8_recipe=self.recipe, fp8_group=group)
 
@@ -455,20 +550,24 @@ class TransformerEngineBackend:
 
     @torch.no_grad()
     def telemetry(self, model):
-        """Newest amax and scale per GEMM from TE's delayed-scaling state. After TE's update
-        the newest amax sits in the last row of amax_history. TE does not count saturated
-        elements; `fp8_saturating` counts GEMMs whose newest input amax exceeds everything
-        else in the history, i.e. those that saturated at the last step."""
-        amax, saturating = {}, 0
-        for name, m in model.named_modules():
-            meta = getattr(m, "fp8_meta", None)
-            if not meta or "scaling_fwd" not in meta or not hasattr(meta["scaling_fwd"], "amax_history"):
-                continue
-            fwd, bwd = meta["scaling_fwd"].amax_history, meta["scaling_bwd"].amax_history
-            amax[name] = {"input": fwd[-1, 0].item(), "weight": fwd[-1, 1].item(), "grad_output": bwd[-1, 0].item()}
-            if fwd.shape[0] > 2 and fwd[-1, 0] > fwd[1:-1, 0].max():
-                saturating += 1
-        return {"fp8_amax": amax, "fp8_saturating": saturating} if amax else {}
+        """Newest amax per GEMM and role (TE's last history row, the micro-batch just run),
+        and `fp8_saturating`: the SaturationCounter's count since the last call."""
+        modules = te_fp8_modules(model)
+        if not modules:
+            return {}
+        amax = {name: {role: m.fp8_meta[k].amax_history[-1, i].item() for role, (k, i) in zip(ROLES, TE_ROLE_SLOTS)}
+                for name, m in modules}
+        return {"fp8_amax": amax, "fp8_saturating": self.saturation.read(model)}
+
+
+def _without_pickled_extra_state(te_module_class):
+    """A TE module class whose _extra_state is empty on save and ignored on load (the FP8
+    state is restored from te_fp8_state's plain tensors instead), so that neither DeepSpeed's
+    strict load nor TE >= 2.18's pickle check ever sees TE's pickled recipe."""
+    return type(te_module_class.__name__, (te_module_class,), {
+        "get_extra_state": lambda self: torch.empty(0, dtype=torch.uint8),
+        "set_extra_state": lambda self, state: None,
+    })
 
 
 def te_available():
@@ -538,10 +637,11 @@ def fp8_shape_error(n_embd, vocab_size, micro_batch_tokens, fp8_backend):
     """Why a GPT of this width / vocabulary / micro-batch cannot run its FP8 GEMMs, or None.
     Every GEMM dimension (n_embd, 3 n_embd, 4 n_embd, vocab_size) must be a multiple of 16
     (TE and torch._scaled_mm); tokens per micro-batch must be a multiple of 8 for TE (its
-    FP8 GEMM input height) and of 16 for torch._scaled_mm (the wgrad GEMM's inner dimension)."""
+    FP8 GEMM input height) and of 16 for torch._scaled_mm (the wgrad GEMM's inner dimension),
+    which 'auto' and 'emulated' also ask, so that a run that works on CPU works on a GPU."""
     if n_embd % 16 or vocab_size % 16:
         return f"FP8 GEMMs need n_embd and vocab_size to be multiples of 16 (got {n_embd}, {vocab_size})"
-    multiple = 16 if fp8_backend == "torch" else 8
+    multiple = 8 if fp8_backend == "te" else 16
     if micro_batch_tokens % multiple:
         return (f"FP8 GEMMs ({fp8_backend}) need micro_batch_size x block_size to be a multiple of {multiple} "
                 f"(got {micro_batch_tokens})")

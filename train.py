@@ -55,7 +55,7 @@ beta2 = 0.95
 grad_clip = 1.0
 # precision
 precision = "bf16"  # 'bf16' or 'fp8'
-fp8_backend = "auto"  # 'auto' (TE on a GPU with capability >= 8.9 and TE installed, else emulated), 'te', 'emulated'
+fp8_backend = "auto"  # 'auto' (FP8 GPU: TE if usable, else 'torch'; elsewhere emulated), 'te', 'torch', 'emulated'
 fp8_recipe = "delayed"  # 'delayed' (TE DelayedScaling) or 'current' (Float8CurrentScaling)
 fp8_amax_history_len = 16
 fp8_amax_compute_algo = "max"
@@ -110,7 +110,7 @@ def die(msg):
 
 # ---- check everything before any work or any write -------------------------
 import data as D  # noqa: E402
-from precision import make_backend, te_available  # noqa: E402
+from precision import FP8_BACKENDS, fp8_shape_error, make_backend, te_available  # noqa: E402
 
 ckpt_dir = os.path.join(out_dir, "ckpt")
 tokens_per_micro_step = micro_batch_size * block_size * world_size
@@ -124,11 +124,13 @@ if tweo_schedule not in ("constant", "cosine"):
     die(f"tweo_schedule must be 'constant' or 'cosine', got {tweo_schedule!r}")
 if wandb_mode not in ("online", "offline"):
     die(f"wandb_mode must be 'online' or 'offline', got {wandb_mode!r}")
-if precision not in ("bf16", "fp8") or fp8_backend not in ("auto", "te", "emulated"):
-    die(f"precision must be 'bf16' or 'fp8' and fp8_backend 'auto', 'te' or 'emulated' (got {precision!r}, {fp8_backend!r})")
+if precision not in ("bf16", "fp8") or fp8_backend not in FP8_BACKENDS:
+    die(f"precision must be 'bf16' or 'fp8' and fp8_backend one of {', '.join(FP8_BACKENDS)} (got {precision!r}, {fp8_backend!r})")
 if precision == "fp8" and fp8_backend == "te" and not te_available()[0]:
-    die(f"fp8_backend='te' needs Transformer Engine on a CUDA GPU with compute capability >= 8.9: "
-        f"{te_available()[1]}. Use --fp8_backend=emulated (same numerics, any device).")
+    die(f"fp8_backend='te' needs Transformer Engine on an FP8 GPU: {te_available()[1]}. "
+        f"Use --fp8_backend=torch (FP8 GEMMs through PyTorch) or --fp8_backend=emulated (any device).")
+if precision == "fp8" and fp8_shape_error(n_embd, vocab_size, micro_batch_size * block_size, fp8_backend):
+    die(fp8_shape_error(n_embd, vocab_size, micro_batch_size * block_size, fp8_backend))
 try:
     train_data = D.open_split(data_dir, "train", block_size, vocab_size)
     val_data = D.open_split(data_dir, "val", block_size, vocab_size)
@@ -177,8 +179,10 @@ np.random.seed(seed)
 random.seed(seed)
 
 backend = make_backend(precision, fp8_backend, fp8_recipe, fp8_amax_history_len, fp8_amax_compute_algo, device.type)
+if master and precision == "fp8" and backend.note:
+    print(f"note: {backend.note}")
 if master and precision == "fp8" and backend.name == "emulated" and use_cuda:
-    print("warning: FP8 is emulated (Transformer Engine unavailable: %s); numerics as TE, speed not" % te_available()[1])
+    print("warning: FP8 is emulated on a GPU (%s); numerics as TE, speed not" % te_available()[1])
 
 ds_config = {
     "train_batch_size": micro_batch_size * grad_accum * world_size,
@@ -211,7 +215,7 @@ else:
     optimizer = torch.optim.AdamW(param_groups(model), lr=learning_rate, betas=(beta1, beta2))
 engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
 raw_model = engine.module
-from precision import keep_fp8_state_fp32  # noqa: E402
+from precision import keep_fp8_state_fp32, load_te_fp8_state, te_fp8_state  # noqa: E402
 
 keep_fp8_state_fp32(raw_model)  # DeepSpeed casts float buffers to bf16; scales and amaxes stay fp32
 
@@ -254,15 +258,14 @@ def read_pointer(name):
 
 
 def consolidated_state():
-    """bf16 weights gathered on rank 0 (collective), with the FP8 state: the emulated
-    backend's scales and amax histories are buffers and come with the weights;
-    Transformer Engine's live in _extra_state, which DeepSpeed's export drops."""
+    """bf16 weights gathered on rank 0 (collective), with the FP8 state: the emulated and
+    torch backends' scales and amax histories are buffers and come with the weights;
+    Transformer Engine's are saved as plain tensors (fp8_te_state), never as its pickled _extra_state."""
     sd = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else raw_model.state_dict()
     if not master:
         return None
     sd = {k: v for k, v in sd.items() if not k.endswith("_extra_state")}
-    te_state = {n + "._extra_state": m.get_extra_state() for n, m in raw_model.named_modules() if hasattr(m, "fp8_meta")}
-    return {"model": sd, "fp8_extra_state": te_state, "model_args": model_args, "config": config}
+    return {"model": sd, "fp8_te_state": te_fp8_state(raw_model), "model_args": model_args, "config": config}
 
 
 def save_checkpoint(tag, pointer, state):
@@ -334,7 +337,7 @@ def peak_flops():
     name = torch.cuda.get_device_name(device)
     for key, (bf16, fp8) in GPU_PEAK_TFLOPS.items():
         if key in name:
-            peak = fp8 if precision == "fp8" and backend.name == "te" and fp8 else bf16
+            peak = fp8 if precision == "fp8" and backend.name in ("te", "torch") and fp8 else bf16
             return peak * 1e12
     return None
 
@@ -344,6 +347,8 @@ iter_num, best_val_loss, best_train_loss, act_peak, wandb_id = 0, float("inf"), 
 if init_from == "resume":
     tag = read_pointer("latest")
     _, client = engine.load_checkpoint(ckpt_dir, tag=tag)  # copies into the fp32 FP8 buffers as they are
+    if backend.name == "te":  # TE's scaling state, saved as plain tensors in the client state
+        load_te_fp8_state(raw_model, client.get("fp8_te_state", {}), backend.recipe)
     iter_num, best_val_loss, best_train_loss = client["iter"], client["best_val_loss"], client["best_train_loss"]
     act_peak, wandb_id = client["act_peak"], client.get("wandb_id")
     rng = torch.load(os.path.join(ckpt_dir, tag, f"rng_rank{rank}.pt"), weights_only=False)
@@ -400,7 +405,7 @@ def act_stats():
 
 def client_state(**extra):
     return dict(iter=iter_num, best_val_loss=best_val_loss, best_train_loss=best_train_loss, act_peak=act_peak,
-                wandb_id=wandb_id, model_args=model_args, config=config, **extra)
+                wandb_id=wandb_id, model_args=model_args, config=config, fp8_te_state=te_fp8_state(raw_model), **extra)
 
 
 # ---- the training loop ---------------------------------------------------------------

@@ -1,15 +1,17 @@
 """precision.py: the emulated FP8 numerics (E4M3/E5M2, delayed and current scaling),
 the backend choice, and state that moves between backends."""
+import math
 import socket
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from model import GPT, GPTConfig
-from precision import (E4M3, E5M2, EmulatedGemm, FP8Linear, LayerNormLinear, ScaledMMGemm, amax_of, dequantize,
-                       fp8_layers, fp8_telemetry, make_backend, quantize, scaled_mm_error, te_available,
-                       update_fp8_scales)
+from precision import (E4M3, E5M2, EmulatedGemm, FP8Linear, LayerNormLinear, SaturationCounter, ScaledMMGemm, amax_of,
+                       choose_fp8_backend, dequantize, fp8_layers, fp8_shape_error, fp8_telemetry, make_backend,
+                       quantize, scaled_mm_error, te_available, te_fp8_state, update_fp8_scales)
 
 
 def delayed_linear(history_len=16, n=64):
@@ -146,6 +148,7 @@ def test_checkpoints_move_between_backends():
 def test_backend_choice():
     assert make_backend("bf16").name == "bf16"
     assert make_backend("fp8", "emulated").name == "emulated"
+    assert make_backend("fp8", "torch").name == "torch"
     if not te_available()[0]:
         assert make_backend("fp8", "auto").name == "emulated"
         with pytest.raises(RuntimeError, match="Transformer Engine"):
@@ -355,3 +358,92 @@ def test_torch_backend_matches_the_emulation():
     print(f"60 steps: emulated {loss_e[0]:.4f} -> {loss_e[-1]:.4f}, torch {loss_r[0]:.4f} -> {loss_r[-1]:.4f}")
     assert loss_e[-1] < 0.8 * loss_e[0]  # it trains
     assert max(abs(r / e - 1) for e, r in zip(loss_e, loss_r)) < 1e-2
+
+
+def test_auto_never_picks_the_emulation_on_an_fp8_gpu():
+    te_ok, te_missing = (lambda: (True, "")), (lambda: (False, "transformer_engine not usable (ImportError)"))
+    ada_old_cublas = lambda: (False, "CublasLt version 12.1.3.x or higher required for FP8 execution on Ada.")  # noqa: E731
+    assert choose_fp8_backend("auto", (9, 0), te_ok) == ("te", "")
+    for capability, check in [((9, 0), te_missing), ((8, 9), ada_old_cublas)]:
+        backend, note = choose_fp8_backend("auto", capability, check)
+        assert backend == "torch" and check()[1] in note and "\n" not in note
+    assert choose_fp8_backend("auto", (8, 6), te_ok) == ("emulated", "")  # no FP8 tensor cores
+    assert choose_fp8_backend("auto", None, te_ok) == ("emulated", "")    # no GPU
+    assert choose_fp8_backend("torch", (9, 0), te_ok) == ("torch", "")
+
+
+def test_fp8_shape_rules():
+    assert fp8_shape_error(768, 50304, 16 * 1024, "te") is None
+    assert "multiples of 16" in fp8_shape_error(72, 50304, 1024, "te")
+    assert "multiples of 16" in fp8_shape_error(768, 50257, 1024, "torch")
+    assert fp8_shape_error(768, 50304, 24, "te") is None and "multiple of 16" in fp8_shape_error(768, 50304, 24, "torch")
+    assert "multiple of 8" in fp8_shape_error(768, 50304, 12, "te")
+
+
+# ---- Transformer Engine's saturation telemetry, against TE's update semantics ----
+
+def te_delayed_update(meta, maxes, algo="max"):
+    """Test oracle: TE's fused amax-and-scale update after the amax reduction for one meta
+    (transformer_engine/common/recipe/delayed_scaling.cu, kernel_bulk), re-implemented.
+    The step's amax was written to row 0; a nonzero one is rolled to the LAST row (row 0
+    zeroed for the next step) and the scale is fp8_max / amax of the window; a zero amax
+    leaves history and scale alone; a non-finite or zero window amax keeps the scale."""
+    h, scale = meta.amax_history, meta.scale
+    for i in range(h.shape[1]):
+        last = h[0, i].item()
+        if last == 0.0:
+            continue
+        window = torch.cat([h[1:, i], torch.tensor([last])])  # the H newest amaxes
+        h[:, i] = torch.cat([torch.zeros(1), h[2:, i], torch.tensor([last])])
+        amax = window.max().item() if algo == "max" else last
+        if math.isfinite(amax) and amax > 0:
+            scale[i] = min(maxes[i] / amax, torch.finfo(torch.float32).max)
+
+
+class TEMetaOracle(torch.nn.Module):
+    """A module holding fp8_meta laid out as a TE Linear's (scaling_fwd: input, weight, output;
+    scaling_bwd: grad_output, grad_input), updated only through te_delayed_update."""
+
+    def __init__(self, history_len):
+        super().__init__()
+        meta = lambda n: SimpleNamespace(scale=torch.ones(n), amax_history=torch.zeros(history_len, n))  # noqa: E731
+        self.fp8_meta = {"scaling_fwd": meta(3), "scaling_bwd": meta(2)}
+
+    def micro_batch(self, fwd_amax, bwd_amax):
+        """Quantize with the current scales (returning how many roles clipped), then update."""
+        used = [self.fp8_meta["scaling_fwd"].scale[0].item(), self.fp8_meta["scaling_fwd"].scale[1].item(),
+                self.fp8_meta["scaling_bwd"].scale[0].item()]
+        clipped = sum(a * s > m for a, s, m in zip([fwd_amax[0], fwd_amax[1], bwd_amax[0]], used, (448.0, 448.0, 57344.0)))
+        for key, amax, maxes in [("scaling_fwd", fwd_amax, (448.0,) * 3), ("scaling_bwd", bwd_amax, (57344.0,) * 2)]:
+            self.fp8_meta[key].amax_history[0] = torch.tensor(amax)
+            te_delayed_update(self.fp8_meta[key], maxes)
+        return int(clipped)
+
+
+def test_te_saturation_counter_matches_te_semantics():
+    """Over many micro-batches with outliers, zero-gradient steps, telemetry reads every 4
+    micro-batches, the counter finds exactly the clipped tensors."""
+    gen = torch.Generator().manual_seed(0)
+    model = torch.nn.ModuleDict({f"gemm{i}": TEMetaOracle(16) for i in range(3)})
+    counter, truth, counted, reads = SaturationCounter(), 0, 0, 0
+    for step in range(600):
+        counter.step(model)  # what TransformerEngineBackend.autocast does before a training micro-batch
+        for m in model.values():
+            a = torch.exp(torch.randn(5, generator=gen)).tolist()
+            if torch.rand(1, generator=gen).item() < 0.05:
+                a[0] *= 50  # a new input outlier
+            if torch.rand(1, generator=gen).item() < 0.05:
+                a[3] *= 1e4  # a gradient spike
+            if torch.rand(1, generator=gen).item() < 0.05:
+                a[3] = 0.0  # no gradient reached this GEMM: TE does not roll
+            truth += m.micro_batch(a[:3], a[3:])
+        if step % 4 == 3:
+            counted += counter.read(model)
+            reads += 1
+            assert counted == truth, step
+    print(f"{truth} clipped tensors in 600 micro-batches x 3 GEMMs, {reads} reads")
+    assert truth > 20 and counted == truth
+    state = te_fp8_state(model)
+    assert set(state) == {f"gemm{i}.{k}.{t}" for i in range(3) for k in ("scaling_fwd", "scaling_bwd")
+                          for t in ("scale", "amax_history")}
+    assert all(v.device.type == "cpu" and v.dtype == torch.float32 for v in state.values())
