@@ -103,9 +103,10 @@ def fp8_max(dtype):
 
 def amax_of(x):
     """max |x| in fp32, skipping NaN elements as TE's amax kernel does (fmaxf ignores a NaN
-    operand), so one NaN cannot freeze a scale. One pass, no temporary, in the common case."""
+    operand), so one NaN cannot freeze a scale. One vectorised pass (aminmax) in the common case."""
     x = x.detach()
-    amax = torch.linalg.vector_norm(x, float("inf")).float()
+    lo, hi = torch.aminmax(x)
+    amax = torch.maximum(hi, -lo).float()
     if torch.isnan(amax):
         amax = torch.where(torch.isnan(x), 0.0, x.abs()).amax().float()
     return amax
@@ -113,13 +114,11 @@ def amax_of(x):
 
 def quantize(x, scale, dtype, amax=None):
     """Cast x*scale to `dtype`, saturating. Returns (fp8 tensor, number of saturated elements).
-    The product is formed in fp32 in one pass (a 1-element scale promotes x); the saturation
-    count and the clamp are only computed when amax*scale can exceed the format's maximum."""
+    The saturation count and the clamp are only computed when amax*scale can exceed the
+    format's maximum, which keeps the common case to two passes over x."""
     limit = fp8_max(dtype)
     amax = amax_of(x) if amax is None else amax
-    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        x = x.float()
-    y = torch.mul(x, scale.float().reshape(1))
+    y = x.to(torch.float32, copy=True).mul_(scale)
     if bool(amax * scale > limit):
         saturated = torch.count_nonzero(y.abs() > limit)
         y.clamp_(-limit, limit)
@@ -134,7 +133,13 @@ def dequantize(q, scale):
 
 class EmulatedGemm:
     """a @ b on FP8 operands with per-tensor dequantization factors (1/scale): bf16 GEMM on
-    the exact FP8 values, fp32 accumulation, factors and bias applied before one rounding."""
+    the exact FP8 values, fp32 accumulation, factors and bias applied before one rounding.
+    widen() gives an operand the GEMM's dtype once, where it is used twice (CPU float8
+    conversions are slow)."""
+
+    @staticmethod
+    def widen(q, out_dtype):
+        return q.to(torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32)
 
     @staticmethod
     def operands(a, b):
@@ -142,12 +147,11 @@ class EmulatedGemm:
 
     @staticmethod
     def mm(a, b, a_inv, b_inv, out_dtype, bias=None):
-        compute = torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32
+        a, b = EmulatedGemm.widen(a, out_dtype), EmulatedGemm.widen(b, out_dtype)
         alpha = (a_inv * b_inv).item()
         if bias is None:
-            return torch.addmm(torch.zeros((), dtype=compute, device=a.device), a.to(compute), b.to(compute),
-                               beta=0, alpha=alpha).to(out_dtype)
-        return torch.addmm(bias.to(compute), a.to(compute), b.to(compute), alpha=alpha).to(out_dtype)
+            return torch.addmm(torch.zeros((), dtype=a.dtype, device=a.device), a, b, beta=0, alpha=alpha).to(out_dtype)
+        return torch.addmm(bias.to(a.dtype), a, b, alpha=alpha).to(out_dtype)
 
 
 def _row_major(t):
@@ -187,6 +191,10 @@ class ScaledMMGemm:
     output, the bias fused; operands laid out as the CUDA kernel requires."""
 
     @staticmethod
+    def widen(q, out_dtype):
+        return q  # the GEMM takes float8
+
+    @staticmethod
     def operands(a, b):
         return _row_major(a), _col_major(b)
 
@@ -201,9 +209,10 @@ class ScaledMMGemm:
 
 
 class _FP8LinearFunction(torch.autograd.Function):
-    """y = x @ w.T + b with x, w in E4M3 and dy in E5M2, fp32 accumulation. Saves the FP8
-    copies of x and w for backward (one byte per element), as Transformer Engine does.
-    The GEMM itself comes from the layer (EmulatedGemm or ScaledMMGemm)."""
+    """y = x @ w.T + b with x, w in E4M3 and dy in E5M2, fp32 accumulation. Saves the
+    quantized x and w for backward as the GEMM takes them: float8 (one byte per element,
+    as Transformer Engine) for torch._scaled_mm, FP8-valued bf16 for the emulation.
+    The GEMM comes from the layer (EmulatedGemm or ScaledMMGemm)."""
 
     @staticmethod
     @torch.autocast("cpu", enabled=False)
@@ -217,6 +226,7 @@ class _FP8LinearFunction(torch.autograd.Function):
             layer.record(0, ax, sat_x)
             layer.record(1, aw, sat_w)
         gemm = layer.fp8_gemm
+        xq, wq = gemm.widen(xq, out_dtype), gemm.widen(wq, out_dtype)  # each serves two GEMMs
         out = gemm.mm(*gemm.operands(xq, wq.t()), sx.reciprocal(), sw.reciprocal(), out_dtype, bias)
         ctx.save_for_backward(xq, wq, sx, sw)
         ctx.layer, ctx.has_bias = layer, bias is not None
@@ -232,6 +242,7 @@ class _FP8LinearFunction(torch.autograd.Function):
         sg = layer.scale_for(2, ag)
         gq, sat_g = quantize(g, sg, E5M2, ag)
         layer.record(2, ag, sat_g)
+        gq = gemm.widen(gq, ctx.out_dtype)  # the gradient serves dgrad and wgrad
         g_inv, x_inv, w_inv = sg.reciprocal(), sx.reciprocal(), sw.reciprocal()
         grad_x = grad_w = grad_b = None
         # both GEMMs produce the activation dtype, as the forward one (TE under autocast)

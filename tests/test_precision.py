@@ -315,8 +315,11 @@ class RecordingGemm:
     def operands(self, a, b):
         return self.gemm.operands(a, b)
 
+    def widen(self, q, out_dtype):
+        return self.gemm.widen(q, out_dtype)
+
     def mm(self, a, b, *rest):
-        self.operands_seen.append((a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)))
+        self.operands_seen.append((a.float(), b.float()))  # the exact values, FP8 or FP8-valued bf16
         return self.gemm.mm(a, b, *rest)
 
 
