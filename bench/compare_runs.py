@@ -33,6 +33,8 @@ def summarize(out_dir):
         "collapsed_at": collapse, "act_peak": max((r["act_peak"] for r in train), default=None),
         "iter_per_hour": statistics.median(r["iter_per_hour"] for r in train[1:] or train) if train else None,
         "mem_peak_gb": max((r["mem_peak_gb"] for r in train), default=None),
+        "tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in train[1:] or train) if train else None,
+        "mfu": statistics.median(r["mfu"] for r in train[1:] or train) if train and "mfu" in train[-1] else None,
     }
 
 
