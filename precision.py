@@ -10,13 +10,15 @@ model.py asks a backend for two layer types and one context manager:
 and train.py additionally calls backend.checkpoint(fn, x) for activation checkpointing
 and backend.telemetry(model) for the FP8 amax / saturation signals.
 
-Three backends, chosen by make_backend():
+Four backends, chosen by make_backend():
   bf16      torch layers under torch.autocast(bfloat16); CPU and CUDA
   emulated  the numerics of Transformer Engine's per-tensor FP8 (E4M3 forward, E5M2
             gradients, delayed or current scaling) on any device, CPU included
+  torch     the emulated backend's layers and scaling state with real FP8 GEMMs
+            (torch._scaled_mm; any FP8 GPU, and CPU for the tests)
   te        NVIDIA Transformer Engine, imported lazily (GPU with compute capability >= 8.9)
 
-All three use Transformer Engine's parameter names (layer_norm_weight, layer_norm_bias,
+All four use Transformer Engine's parameter names (layer_norm_weight, layer_norm_bias,
 weight, bias), so a checkpoint trained with one loads into the others.
 """
 import contextlib

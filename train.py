@@ -129,8 +129,9 @@ if precision not in ("bf16", "fp8") or fp8_backend not in FP8_BACKENDS:
 if precision == "fp8" and fp8_backend == "te" and not te_available()[0]:
     die(f"fp8_backend='te' needs Transformer Engine on an FP8 GPU: {te_available()[1]}. "
         f"Use --fp8_backend=torch (FP8 GEMMs through PyTorch) or --fp8_backend=emulated (any device).")
-if precision == "fp8" and fp8_shape_error(n_embd, vocab_size, micro_batch_size * block_size, fp8_backend):
-    die(fp8_shape_error(n_embd, vocab_size, micro_batch_size * block_size, fp8_backend))
+fp8_shape_problem = fp8_shape_error(n_embd, vocab_size, micro_batch_size * block_size, fp8_backend)
+if precision == "fp8" and fp8_shape_problem:
+    die(fp8_shape_problem)
 try:
     train_data = D.open_split(data_dir, "train", block_size, vocab_size)
     val_data = D.open_split(data_dir, "val", block_size, vocab_size)
