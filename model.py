@@ -335,13 +335,14 @@ def _load_zero_checkpoint(out_dir, ckpt):
     root, tag = os.path.split(os.path.abspath(tag_dir))
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed reports progress on stdout
         state = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
-    # train.py's client state (TE's FP8 scaling state among it) sits in the model-states file
+    # train.py's client state (TE's FP8 scaling state among it) sits in rank 0's model-states file
     client = {}
-    model_states = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
-    if os.path.isfile(model_states):
-        try:
-            client = torch.load(model_states, map_location="cpu", weights_only=True)
-        except Exception:  # a file with objects beyond plain tensors and containers: no TE state then
-            client = {}
+    for name in ("zero_pp_rank_0_mp_rank_00_model_states.pt", "mp_rank_00_model_states.pt"):  # ZeRO-3, ZeRO-0..2
+        if os.path.isfile(os.path.join(tag_dir, name)):
+            try:
+                client = torch.load(os.path.join(tag_dir, name), map_location="cpu", weights_only=True)
+            except Exception:  # objects beyond plain tensors and containers: no TE state then
+                client = {}
+            break
     return (dict(state), run["model_args"], {"config": run["config"], "iter": None, "val_loss": None},
             client.get("fp8_te_state") or {})
