@@ -107,6 +107,8 @@ def amax_of(x):
     """max |x| in fp32, skipping NaN elements as TE's amax kernel does (fmaxf ignores a NaN
     operand), so one NaN cannot freeze a scale. One vectorised pass (aminmax) in the common case."""
     x = x.detach()
+    if x.is_cuda:  # extra passes are cheap on a GPU, a host sync is not
+        return torch.nan_to_num(x.abs(), nan=0.0, posinf=float("inf")).amax().float()
     lo, hi = torch.aminmax(x)
     amax = torch.maximum(hi, -lo).float()
     if torch.isnan(amax):
@@ -121,7 +123,7 @@ def quantize(x, scale, dtype, amax=None):
     limit = fp8_max(dtype)
     amax = amax_of(x) if amax is None else amax
     y = x.to(torch.float32, copy=True).mul_(scale)
-    if bool(amax * scale > limit):
+    if y.is_cuda or bool(amax * scale > limit):  # on a GPU always: no host sync
         saturated = torch.count_nonzero(y.abs() > limit)
         y.clamp_(-limit, limit)
     else:
