@@ -118,8 +118,8 @@ def amax_of(x):
 
 def quantize(x, scale, dtype, amax=None):
     """Cast x*scale to `dtype`, saturating. Returns (fp8 tensor, number of saturated elements).
-    The saturation count and the clamp are only computed when amax*scale can exceed the
-    format's maximum, which keeps the common case to two passes over x."""
+    On CPU the saturation count and the clamp are only computed when amax*scale can exceed
+    the format's maximum, which keeps the common case to two passes over x."""
     limit = fp8_max(dtype)
     amax = amax_of(x) if amax is None else amax
     y = x.to(torch.float32, copy=True).mul_(scale)
