@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_ITERS ?= 150
 
-.PHONY: install install-dev demo test clean
+.PHONY: install install-dev install-fp8 demo test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ $(VENV)/.installed-dev: requirements-dev.txt $(VENV)/.installed
 install: $(VENV)/.installed .cache/gpt2.tiktoken
 
 install-dev: $(VENV)/.installed-dev .cache/gpt2.tiktoken
+
+# Transformer Engine, built against the torch already in .venv (needs CUDA 12.1+ and nvcc)
+install-fp8: install
+	$(BIN)/pip install ninja pybind11
+	$(BIN)/pip install --no-build-isolation -r requirements-fp8.txt
 
 data/demo/meta.json: | install
 	$(BIN)/python prepare_openwebtext.py --demo

@@ -326,8 +326,10 @@ def load_trained(out_dir, ckpt="last", backend=None, device="cpu"):
     """A trained GPT from out_dir: the consolidated model_{ckpt}.pt that train.py writes,
     or, when ckpt is a DeepSpeed checkpoint tag or folder, the ZeRO-3 shards themselves
     (gathered on CPU with DeepSpeed's zero_to_fp32). Returns (model, run info) with the
-    model in bf16 (FP8 scaling state in fp32), in eval mode. Raises CheckpointError."""
-    from precision import keep_fp8_state_fp32
+    model in bf16 (FP8 scaling state in fp32), in eval mode. Raises CheckpointError, also
+    when a Transformer Engine model would be evaluated without the checkpoint's FP8 state
+    (TE's scales would all be 1.0: it only updates them when training)."""
+    from precision import keep_fp8_state_fp32, load_te_fp8_state
 
     path = os.path.join(out_dir, f"model_{ckpt}.pt")
     if os.path.isfile(path):
@@ -338,11 +340,10 @@ def load_trained(out_dir, ckpt="last", backend=None, device="cpu"):
                                   f"({_first_sentence(e)})") from None
         if not (isinstance(saved, dict) and isinstance(saved.get("model"), dict) and isinstance(saved.get("model_args"), dict)):
             raise CheckpointError(f"{path} is not a model file written by train.py (no 'model' and 'model_args')")
-        state, args, extra = saved["model"], saved["model_args"], saved.get("fp8_extra_state", {})
+        state, args, te_state = saved["model"], saved["model_args"], saved.get("fp8_te_state", {})
         info = {k: saved.get(k) for k in ("config", "iter", "val_loss")}
     else:
-        state, args, info = _load_zero_checkpoint(out_dir, ckpt)
-        extra = {}
+        state, args, info, te_state = _load_zero_checkpoint(out_dir, ckpt)
         path = os.path.join(out_dir, "ckpt", ckpt)
     if not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: the model state holds something other than tensors")
@@ -358,13 +359,19 @@ def load_trained(out_dir, ckpt="last", backend=None, device="cpu"):
             raise CheckpointError(f"{path}: {k} has shape {tuple(v.shape)} in the checkpoint but {tuple(expected[k].shape)} "
                                   f"in the model: a checkpoint of another size or vocabulary")
     # FP8 scaling state only exists in FP8 models; anything else must match exactly
-    state = {k: v for k, v in state.items() if ".fp8_" not in k or k in expected}
-    missing, unexpected = model.load_state_dict({**state, **{k: v for k, v in extra.items() if k in expected}}, strict=False)
+    state = {k: v for k, v in state.items() if (".fp8_" not in k or k in expected) and not k.endswith("_extra_state")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if ".fp8_" not in k and not k.endswith("_extra_state")]
     if missing or unexpected:
         raise CheckpointError(f"{path} does not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
-    info["trained_in_fp8"] = any(".fp8_" in k for k in state) or bool(extra) or \
+    info["trained_in_fp8"] = any(".fp8_" in k for k in state) or bool(te_state) or \
         (info.get("config") or {}).get("precision") == "fp8"
+    if getattr(model.backend, "name", None) == "te":
+        if not te_state:
+            raise CheckpointError(f"{out_dir} ({ckpt}) holds no Transformer Engine FP8 scaling state (a run trained "
+                                  f"with another FP8 backend, or an older checkpoint): TE would evaluate with every "
+                                  f"scale at 1.0. Evaluate with the emulated or torch backend, or in bf16")
+        load_te_fp8_state(model, te_state, model.backend.recipe)
     return model.eval(), info
 
 
@@ -396,7 +403,16 @@ def _load_zero_checkpoint(out_dir, ckpt):
     except Exception as e:  # truncated shards, missing files, another kind of checkpoint
         raise CheckpointError(f"{tag_dir} is not a readable DeepSpeed checkpoint ({_first_sentence(e)})") from None
     sys.stderr.write(progress.getvalue())
-    return dict(state), args, {"config": config, "iter": None, "val_loss": None}
+    # train.py's client state (TE's FP8 scaling state among it) sits in rank 0's model-states file
+    client = {}
+    for name in ("zero_pp_rank_0_mp_rank_00_model_states.pt", "mp_rank_00_model_states.pt"):  # ZeRO-3, ZeRO-0..2
+        if os.path.isfile(os.path.join(tag_dir, name)):
+            try:
+                client = torch.load(os.path.join(tag_dir, name), map_location="cpu", weights_only=True)
+            except Exception:  # objects beyond plain tensors and containers: no TE state then
+                client = {}
+            break
+    return dict(state), args, {"config": config, "iter": None, "val_loss": None}, client.get("fp8_te_state") or {}
 
 
 # ----------------------------------------------------------------------------------------

@@ -10,13 +10,15 @@ model.py asks a backend for two layer types and one context manager:
 and train.py additionally calls backend.checkpoint(fn, x) for activation checkpointing
 and backend.telemetry(model) for the FP8 amax / saturation signals.
 
-Three backends, chosen by make_backend():
+Four backends, chosen by make_backend():
   bf16      torch layers under torch.autocast(bfloat16); CPU and CUDA
   emulated  the numerics of Transformer Engine's per-tensor FP8 (E4M3 forward, E5M2
             gradients, delayed or current scaling) on any device, CPU included
+  torch     the emulated backend's layers and scaling state with real FP8 GEMMs
+            (torch._scaled_mm; any FP8 GPU, and CPU for the tests)
   te        NVIDIA Transformer Engine, imported lazily (GPU with compute capability >= 8.9)
 
-All three use Transformer Engine's parameter names (layer_norm_weight, layer_norm_bias,
+All four use Transformer Engine's parameter names (layer_norm_weight, layer_norm_bias,
 weight, bias), so a checkpoint trained with one loads into the others.
 """
 import contextlib
@@ -85,8 +87,11 @@ class BF16Backend:
 # Emulated FP8: Transformer Engine's per-tensor scaling, computed with torch's float8 dtypes.
 #
 # Each GEMM keeps one scale per role (input, weight, grad_output). The value x is cast as
-# saturate(x * scale) -> float8, and the GEMM runs on the dequantized values with fp32
-# accumulation, as the FP8 tensor cores do.
+# saturate(x * scale) -> float8. Every E4M3 and E5M2 value is exact in bf16, so the GEMM
+# runs in bf16 on the raw FP8 values (oneDNN accumulates bf16 products in fp32) and the two
+# dequantization factors 1/scale are applied once, to the fp32 accumulator, before the one
+# rounding to the output dtype: the same arithmetic as an FP8 tensor-core GEMM with fp32
+# accumulation. fp32 outputs (no autocast) run the GEMM in fp32 instead.
 #
 # Delayed scaling (TE's DelayedScaling): the scale used at step t is fp8_max / amax, where
 # amax is taken over the last `amax_history_len` amaxes recorded *before* t. The amax of
@@ -99,17 +104,26 @@ def fp8_max(dtype):
 
 
 def amax_of(x):
-    return torch.linalg.vector_norm(x.detach(), float("inf")).float()  # max |x| in one pass, no temporary
+    """max |x| in fp32, skipping NaN elements as TE's amax kernel does (fmaxf ignores a NaN
+    operand), so one NaN cannot freeze a scale. One vectorised pass (aminmax) in the common case."""
+    x = x.detach()
+    if x.is_cuda:  # extra passes are cheap on a GPU, a host sync is not
+        return torch.nan_to_num(x.abs(), nan=0.0, posinf=float("inf")).amax().float()
+    lo, hi = torch.aminmax(x)
+    amax = torch.maximum(hi, -lo).float()
+    if torch.isnan(amax):
+        amax = torch.where(torch.isnan(x), 0.0, x.abs()).amax().float()
+    return amax
 
 
 def quantize(x, scale, dtype, amax=None):
     """Cast x*scale to `dtype`, saturating. Returns (fp8 tensor, number of saturated elements).
-    The saturation count (and the clamp) is only computed when amax*scale can exceed the
-    format's maximum, which keeps the common case to two passes over x."""
+    On CPU the saturation count and the clamp are only computed when amax*scale can exceed
+    the format's maximum, which keeps the common case to two passes over x."""
     limit = fp8_max(dtype)
     amax = amax_of(x) if amax is None else amax
     y = x.to(torch.float32, copy=True).mul_(scale)
-    if bool(amax * scale > limit):
+    if y.is_cuda or bool(amax * scale > limit):  # on a GPU always: no host sync
         saturated = torch.count_nonzero(y.abs() > limit)
         y.clamp_(-limit, limit)
     else:
@@ -121,41 +135,138 @@ def dequantize(q, scale):
     return q.to(torch.float32).div_(scale)
 
 
+class EmulatedGemm:
+    """a @ b on FP8 operands with per-tensor dequantization factors (1/scale): bf16 GEMM on
+    the exact FP8 values, fp32 accumulation, factors and bias applied before one rounding.
+    widen() gives an operand the GEMM's dtype once, where it is used twice (CPU float8
+    conversions are slow)."""
+
+    @staticmethod
+    def widen(q, out_dtype):
+        return q.to(torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32)
+
+    @staticmethod
+    def operands(a, b):
+        return a, b  # any layout
+
+    @staticmethod
+    def mm(a, b, a_inv, b_inv, out_dtype, bias=None):
+        a, b = EmulatedGemm.widen(a, out_dtype), EmulatedGemm.widen(b, out_dtype)
+        alpha = (a_inv * b_inv).item()
+        if bias is None:
+            return torch.addmm(torch.zeros((), dtype=a.dtype, device=a.device), a, b, beta=0, alpha=alpha).to(out_dtype)
+        return torch.addmm(bias.to(a.dtype), a, b, alpha=alpha).to(out_dtype)
+
+
+def _row_major(t):
+    return t if t.stride(-1) == 1 and t.stride(0) > 1 else t.contiguous()
+
+
+def _col_major(t):
+    return t if t.stride(0) == 1 and t.stride(1) > 1 else t.t().contiguous().t()
+
+
+def scaled_mm_error(a, b, a_inv, b_inv):
+    """Why the CUDA kernel behind torch._scaled_mm (tensor-wise scaling) would refuse these
+    operands, or None. The rules of PyTorch's CUDA path (ScaledBlas.cpp, and the meta
+    function torch._meta_registrations._check_scaled_mm_sizes): a [M, K] row-major, b [K, N]
+    column-major, K and N multiples of 16, both float8 but not both E5M2, and fp32
+    single-element scales. The CPU kernel checks none of this, so we do, on every device."""
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+        return f"operands of shapes {tuple(a.shape)} and {tuple(b.shape)} are not a 2-D matrix product"
+    if a.dtype not in (E4M3, E5M2) or b.dtype not in (E4M3, E5M2):
+        return f"operands must be float8, got {a.dtype} and {b.dtype}"
+    if a.dtype == E5M2 and b.dtype == E5M2:
+        return "E5M2 x E5M2 is not supported by cuBLASLt"
+    if not (a.stride(1) == 1 and a.stride(0) > a.stride(1)):
+        return f"first operand must be row-major, got strides {a.stride()}"
+    if not (b.stride(0) == 1 and b.stride(1) > 1):
+        return f"second operand must be column-major, got strides {b.stride()}"
+    if a.shape[1] % 16 or b.shape[1] % 16:
+        return f"K and N must be multiples of 16, got {tuple(a.shape)} @ {tuple(b.shape)}"
+    for s in (a_inv, b_inv):
+        if s.numel() != 1 or s.dtype != torch.float32:
+            return f"scales must be single-element fp32 tensors, got {s.dtype} of {s.numel()} elements"
+    return None
+
+
+class ScaledMMGemm:
+    """The same product through torch._scaled_mm: real FP8 GEMMs (cuBLASLt on a GPU), bf16
+    output, the bias fused; operands laid out as the CUDA kernel requires."""
+
+    @staticmethod
+    def widen(q, out_dtype):
+        return q  # the GEMM takes float8
+
+    @staticmethod
+    def operands(a, b):
+        return _row_major(a), _col_major(b)
+
+    @staticmethod
+    def mm(a, b, a_inv, b_inv, out_dtype, bias=None):
+        error = scaled_mm_error(a, b, a_inv, b_inv)
+        if error:
+            raise ValueError(f"FP8 GEMM {tuple(a.shape)} @ {tuple(b.shape)}: {error}")
+        out = torch._scaled_mm(a, b, scale_a=a_inv, scale_b=b_inv, out_dtype=torch.bfloat16,
+                               bias=None if bias is None else bias.to(torch.bfloat16))
+        return out.to(out_dtype)
+
+
 class _FP8LinearFunction(torch.autograd.Function):
-    """y = x @ w.T + b with x, w in E4M3 and dy in E5M2, fp32 accumulation. Saves the FP8
-    copies of x and w for backward (one byte per element), as Transformer Engine does."""
+    """y = x @ w.T + b with x, w in E4M3 and dy in E5M2, fp32 accumulation. Saves the
+    quantized x and w for backward as the GEMM takes them: float8 (one byte per element,
+    as Transformer Engine) for torch._scaled_mm, FP8-valued bf16 for the emulation.
+    The GEMM comes from the layer (EmulatedGemm or ScaledMMGemm)."""
 
     @staticmethod
     @torch.autocast("cpu", enabled=False)
     @torch.autocast("cuda", enabled=False)
-    def forward(ctx, x, weight, bias, layer, training_step):
+    def forward(ctx, x, weight, bias, layer, training_step, out_dtype):
         ax, aw = amax_of(x), amax_of(weight)
         sx, sw = layer.scale_for(0, ax), layer.scale_for(1, aw)
-        xq, sat_x = quantize(x, sx, E4M3, ax)
+        xq, sat_x = quantize(x.reshape(-1, x.shape[-1]), sx, E4M3, ax)
         wq, sat_w = quantize(weight, sw, E4M3, aw)
         if training_step:  # evaluation leaves the scaling state as it is
             layer.record(0, ax, sat_x)
             layer.record(1, aw, sat_w)
-        out = F.linear(dequantize(xq, sx), dequantize(wq, sw), None if bias is None else bias.float())
+        gemm = layer.fp8_gemm
+        xq, wq = gemm.widen(xq, out_dtype), gemm.widen(wq, out_dtype)  # each serves two GEMMs
+        out = gemm.mm(*gemm.operands(xq, wq.t()), sx.reciprocal(), sw.reciprocal(), out_dtype, bias)
         ctx.save_for_backward(xq, wq, sx, sw)
         ctx.layer, ctx.has_bias = layer, bias is not None
-        ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
-        return out.to(x.dtype)
+        ctx.x_dtype, ctx.w_dtype, ctx.out_dtype = x.dtype, weight.dtype, out_dtype
+        return out.reshape(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
         xq, wq, sx, sw = ctx.saved_tensors
-        layer = ctx.layer
-        ag = amax_of(grad_out)
+        layer, gemm = ctx.layer, ctx.layer.fp8_gemm
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        ag = amax_of(g)
         sg = layer.scale_for(2, ag)
-        gq, sat_g = quantize(grad_out, sg, E5M2, ag)
+        gq, sat_g = quantize(g, sg, E5M2, ag)
         layer.record(2, ag, sat_g)
-        g = dequantize(gq, sg).reshape(-1, grad_out.shape[-1])
-        grad_x = (g @ dequantize(wq, sw)).reshape(*grad_out.shape[:-1], wq.shape[-1])
-        grad_w = g.t() @ dequantize(xq, sx).reshape(-1, xq.shape[-1])
-        # the bias gradient comes from the high-precision gradient, as in TE's fused cast+dbias
-        grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0, dtype=torch.float32) if ctx.has_bias else None
-        return grad_x.to(ctx.x_dtype), grad_w.to(ctx.w_dtype), grad_b, None, None
+        gq = gemm.widen(gq, ctx.out_dtype)  # the gradient serves dgrad and wgrad
+        g_inv, x_inv, w_inv = sg.reciprocal(), sx.reciprocal(), sw.reciprocal()
+        grad_x = grad_w = grad_b = None
+        # both GEMMs produce the activation dtype, as the forward one (TE under autocast)
+        if ctx.needs_input_grad[0]:  # dgrad: E5M2 gradient x E4M3 weight
+            grad_x = gemm.mm(*gemm.operands(gq, wq), g_inv, w_inv, ctx.out_dtype).to(ctx.x_dtype)
+            grad_x = grad_x.reshape(*grad_out.shape[:-1], wq.shape[-1])
+        if ctx.needs_input_grad[1]:  # wgrad: E5M2 gradient x E4M3 input
+            grad_w = gemm.mm(*gemm.operands(gq.t(), xq), g_inv, x_inv, ctx.out_dtype).to(ctx.w_dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            # from the high-precision gradient, as in TE's fused cast+dbias
+            grad_b = g.sum(0, dtype=torch.float32)
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def output_dtype(x):
+    """The dtype an FP8 layer returns: the autocast dtype inside autocast (TE's rule; CUDA
+    autocast runs layer_norm in fp32, which must not leak into the residual stream)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 class _FP8State:
@@ -183,10 +294,17 @@ class _FP8State:
 
     @torch.no_grad()
     def update_scales(self, reduced_pending):
-        """Push the amax of the step just finished and compute the scales for the next one."""
-        self.fp8_amax_history.copy_(torch.roll(self.fp8_amax_history, 1, 0))
-        self.fp8_amax_history[0] = reduced_pending
+        """Push the amax of the step just finished and compute the scales for the next one,
+        as TE's fused update after the amax reduction (delayed_scaling.cu, kernel_bulk): a
+        role whose newest amax is 0 (no data this step) keeps its history and its scale;
+        a non-finite or zero window amax keeps the scale; a scale that overflows fp32
+        becomes fp32's maximum."""
+        fresh = reduced_pending != 0
+        rolled = torch.roll(self.fp8_amax_history, 1, 0)
+        rolled[0] = reduced_pending
+        self.fp8_amax_history.copy_(torch.where(fresh, rolled, self.fp8_amax_history))
         amax = self.fp8_amax_history.amax(0) if self.compute_algo == "max" else self.fp8_amax_history[0]
+        amax = torch.where(fresh, amax, torch.zeros_like(amax))
         maxes = torch.tensor([fp8_max(d) for d in ROLE_DTYPES], device=amax.device)
         new = maxes / amax
         keep = ~((amax > 0) & torch.isfinite(amax))  # TE keeps the previous scale then
@@ -197,24 +315,29 @@ class _FP8State:
 
 
 class FP8Linear(_FP8State, Linear):
-    def __init__(self, in_features, out_features, bias=True, init_std=0.02, *, recipe, history_len, compute_algo):
+    def __init__(self, in_features, out_features, bias=True, init_std=0.02, *, recipe, history_len, compute_algo,
+                 gemm=EmulatedGemm):
         super().__init__(in_features, out_features, bias=bias, init_std=init_std)
         self._init_fp8_state(recipe, history_len, compute_algo)
+        self.fp8_gemm = gemm
 
     def forward(self, x):
-        return _FP8LinearFunction.apply(x, self.weight, self.bias, self, self.training and torch.is_grad_enabled())
+        return _FP8LinearFunction.apply(x, self.weight, self.bias, self, self.training and torch.is_grad_enabled(),
+                                        output_dtype(x))
 
 
 class FP8LayerNormLinear(_FP8State, LayerNormLinear):
     """LayerNorm in high precision, its output quantized as the GEMM input (TE's LayerNormLinear)."""
 
-    def __init__(self, in_features, out_features, bias=True, init_std=0.02, *, recipe, history_len, compute_algo):
+    def __init__(self, in_features, out_features, bias=True, init_std=0.02, *, recipe, history_len, compute_algo,
+                 gemm=EmulatedGemm):
         super().__init__(in_features, out_features, bias=bias, init_std=init_std)
         self._init_fp8_state(recipe, history_len, compute_algo)
+        self.fp8_gemm = gemm
 
     def forward(self, x):
         return _FP8LinearFunction.apply(self.layer_norm(x), self.weight, self.bias, self,
-                                        self.training and torch.is_grad_enabled())
+                                        self.training and torch.is_grad_enabled(), output_dtype(x))
 
 
 def fp8_layers(model):
@@ -230,22 +353,28 @@ def keep_fp8_state_fp32(model):
 
 
 class EmulatedFP8Backend:
+    """Per-tensor FP8 layers with TE's scaling semantics. `gemm` is the only thing the
+    'emulated' and 'torch' backends do differently."""
     name = "emulated"
+    gemm = EmulatedGemm
 
     def __init__(self, recipe="delayed", amax_history_len=16, amax_compute_algo="max", device_type="cpu"):
         self.recipe, self.device_type = recipe, device_type
-        kw = dict(recipe=recipe, history_len=amax_history_len, compute_algo=amax_compute_algo)
+        kw = dict(recipe=recipe, history_len=amax_history_len, compute_algo=amax_compute_algo, gemm=self.gemm)
         self.Linear = lambda i, o, bias=True, init_std=0.02: FP8Linear(i, o, bias, init_std, **kw)
         self.LayerNormLinear = lambda i, o, bias=True, init_std=0.02: FP8LayerNormLinear(i, o, bias, init_std, **kw)
-        self.model = None
 
     @contextlib.contextmanager
     def autocast(self, model=None):
         """Entering applies the amax recorded since the last entry (the previous micro-batch's
         forward and backward), max-reduced across data-parallel ranks in one collective;
         the FP8 GEMMs then run with activations in bf16 around them."""
-        if self.recipe == "delayed" and model is not None:
-            update_fp8_scales(model)
+        if model is not None:
+            if self.recipe == "delayed":
+                update_fp8_scales(model)
+            else:  # current scaling keeps no history: the pending amax is only telemetry
+                for _, m in fp8_layers(model):
+                    m.fp8_amax_pending.zero_()
         with torch.autocast(device_type=self.device_type, dtype=torch.bfloat16):
             yield
 
@@ -256,32 +385,43 @@ class EmulatedFP8Backend:
         return fp8_telemetry(model)
 
 
+class TorchFP8Backend(EmulatedFP8Backend):
+    """The emulated backend's layers and scaling state, with real FP8 GEMMs (torch._scaled_mm):
+    fprop E4M3 x E4M3, dgrad and wgrad E5M2 x E4M3, bf16 output."""
+    name = "torch"
+    gemm = ScaledMMGemm
+
+
+def _distributed():
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and \
+        torch.distributed.get_world_size() > 1
+
+
 @torch.no_grad()
 def update_fp8_scales(model):
     layers = [m for _, m in fp8_layers(model)]
     if not layers:
         return
     pending = torch.stack([m.fp8_amax_pending for m in layers])
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+    if _distributed():
         torch.distributed.all_reduce(pending, op=torch.distributed.ReduceOp.MAX)
-    if not bool(pending.any()):
-        return  # no training step since the last update (evaluation, or the first step)
     for m, p in zip(layers, pending):
         m.update_scales(p)
 
 
 @torch.no_grad()
 def fp8_telemetry(model):
-    """Per GEMM: the newest amax of each role and the elements saturated since the last
-    call (summed over ranks). Resets the saturation counters."""
+    """Per GEMM: the amax of each role in the micro-batch just run (max over ranks) and the
+    elements saturated since the last call (summed over ranks). Resets the saturation counters."""
     layers = fp8_layers(model)
     if not layers:
         return {}
     sat = torch.stack([m.fp8_saturated for _, m in layers])
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+    amax = torch.stack([m.fp8_amax_pending for _, m in layers])
+    if _distributed():
         torch.distributed.all_reduce(sat)
-    amax = torch.stack([m.fp8_amax_history[0] for _, m in layers]).tolist()
-    sat_list = sat.tolist()
+        torch.distributed.all_reduce(amax, op=torch.distributed.ReduceOp.MAX)
+    sat_list, amax = sat.tolist(), amax.tolist()
     for _, m in layers:
         m.fp8_saturated.zero_()
     return {
@@ -294,6 +434,97 @@ def fp8_telemetry(model):
 # ----------------------------------------------------------------------------------------
 # Transformer Engine. Every Linear and LayerNorm, the final LN and the LM head included,
 # runs under FP8. Imported only when chosen, so CPU machines never need it.
+#
+# TE keeps a module's delayed-scaling state in fp8_meta["scaling_fwd"] (input, weight,
+# output) and fp8_meta["scaling_bwd"] (grad_output, grad_input), each with .scale[n] and
+# .amax_history[H, n]. Its fused update (delayed_scaling.cu) rolls the history so that the
+# newest amax ends in the LAST row, forward at autocast exit, backward at the end of
+# backward. Its own checkpoint format pickles the recipe into _extra_state, which TE >= 2.18
+# refuses to load unless NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1 (and DeepSpeed loads module
+# states strictly, _extra_state included): our TE layers save an empty _extra_state and the
+# scales and histories travel as plain tensors (te_fp8_state / load_te_fp8_state).
+
+TE_ROLE_SLOTS = (("scaling_fwd", 0), ("scaling_fwd", 1), ("scaling_bwd", 0))  # ROLES in TE's meta
+ROLE_MAXES = tuple(fp8_max(d) for d in ROLE_DTYPES)
+
+
+def te_fp8_modules(model):
+    """(name, module) of every module holding TE delayed-scaling state."""
+    out = []
+    for name, m in model.named_modules():
+        meta = getattr(m, "fp8_meta", None)
+        if isinstance(meta, dict) and all(hasattr(meta.get(k), "amax_history") for k in ("scaling_fwd", "scaling_bwd")):
+            out.append((name, m))
+    return out
+
+
+@torch.no_grad()
+def te_fp8_state(model):
+    """The TE scaling state of a model as plain CPU tensors, {'NAME.scaling_fwd.scale': ...}."""
+    state = {}
+    for name, m in te_fp8_modules(model):
+        for key in ("scaling_fwd", "scaling_bwd"):
+            state[f"{name}.{key}.scale"] = m.fp8_meta[key].scale.detach().float().cpu().clone()
+            state[f"{name}.{key}.amax_history"] = m.fp8_meta[key].amax_history.detach().float().cpu().clone()
+    return state
+
+
+@torch.no_grad()
+def load_te_fp8_state(model, state, recipe):
+    """Put te_fp8_state() back into TE modules, initialising their FP8 metadata for `recipe`
+    first as TE's own set_extra_state does (a later first forward keeps tensors that are
+    already initialised for a delayed-scaling recipe). Returns the number of modules set."""
+    n = 0
+    for name, m in model.named_modules():
+        if not hasattr(m, "init_fp8_meta_tensors") or f"{name}.scaling_fwd.scale" not in state:
+            continue
+        m.fp8_meta["recipe"] = recipe
+        m.init_fp8_meta_tensors(recipe)
+        for key in ("scaling_fwd", "scaling_bwd"):
+            m.fp8_meta[key].scale.copy_(state[f"{name}.{key}.scale"])
+            m.fp8_meta[key].amax_history.copy_(state[f"{name}.{key}.amax_history"])
+        n += 1
+    return n
+
+
+class SaturationCounter:
+    """TE counts no saturated elements; this counts (GEMM, role, micro-batch) triples whose
+    newest amax times the scale that micro-batch used exceeds the format's maximum, i.e.
+    the tensors that were clipped. step() runs before every training micro-batch: it scores
+    the previous micro-batch against the scales snapshotted before it, then snapshots the
+    current scales. read() scores the last micro-batch and returns the count since the last read."""
+
+    def __init__(self):
+        self.scales, self.count = None, 0
+
+    @staticmethod
+    def _state(model):
+        metas = [m.fp8_meta for _, m in te_fp8_modules(model)]
+        scale = torch.stack([torch.stack([meta[k].scale[i] for k, i in TE_ROLE_SLOTS]) for meta in metas])
+        amax = torch.stack([torch.stack([meta[k].amax_history[-1, i] for k, i in TE_ROLE_SLOTS]) for meta in metas])
+        return scale.float(), amax.float()
+
+    @torch.no_grad()
+    def _score(self, model):
+        if self.scales is not None:
+            _, amax = self._state(model)
+            maxes = torch.tensor(ROLE_MAXES, device=amax.device)
+            self.count += int((amax * self.scales > maxes).sum())
+            self.scales = None
+
+    @torch.no_grad()
+    def step(self, model):
+        if not te_fp8_modules(model):
+            return  # before the first FP8 forward TE has not allocated its state
+        self._score(model)
+        self.scales = self._state(model)[0].clone()
+
+    def read(self, model):
+        if te_fp8_modules(model):
+            self._score(model)
+        count, self.count = self.count, 0
+        return count
+
 
 class TransformerEngineBackend:
     name = "te"
@@ -309,18 +540,22 @@ class TransformerEngineBackend:
         else:
             self.recipe = Float8CurrentScaling(fp8_format=Format.HYBRID)
         self.amax_reduction_group = amax_reduction_group
+        self.saturation = SaturationCounter()
         # TE's default init differs from GPT-2's: pass ours explicitly
         init = lambda std: (lambda w: nn.init.normal_(w, mean=0.0, std=std))
-        self.Linear = lambda i, o, bias=True, init_std=0.02: te.Linear(
+        Linear, LayerNormLinear = _without_pickled_extra_state(te.Linear), _without_pickled_extra_state(te.LayerNormLinear)
+        self.Linear = lambda i, o, bias=True, init_std=0.02: Linear(
             i, o, bias=bias, init_method=init(init_std), params_dtype=torch.get_default_dtype())
-        self.LayerNormLinear = lambda i, o, bias=True, init_std=0.02: te.LayerNormLinear(
+        self.LayerNormLinear = lambda i, o, bias=True, init_std=0.02: LayerNormLinear(
             i, o, bias=bias, eps=1e-5, init_method=init(init_std), params_dtype=torch.get_default_dtype())
 
     def autocast(self, model=None):
+        if model is not None and torch.is_grad_enabled():  # a training micro-batch
+            self.saturation.step(model)
         group = self.amax_reduction_group
         if group is None and torch.distributed.is_available() and torch.distributed.is_initialized():
             group = torch.distributed.group.WORLD  # amax max-reduced over the data-parallel group
-        if hasattr(self.te, "autocast"):  # TE >= 2.8
+        if hasattr(self.te, "autocast"):  # TE >= 2.9
             return self.te.autocast(enabled=True, recipe=self.recipe, amax_reduction_group=group)
         return self.te.fp8_autocast(enabled=True, fp8_recipe=self.recipe, fp8_group=group)
 
@@ -330,37 +565,64 @@ class TransformerEngineBackend:
 
     @torch.no_grad()
     def telemetry(self, model):
-        """Newest amax and scale per GEMM from TE's delayed-scaling state. After TE's update
-        the newest amax sits in the last row of amax_history. TE does not count saturated
-        elements; `fp8_saturating` counts GEMMs whose newest input amax exceeds everything
-        else in the history, i.e. those that saturated at the last step."""
-        amax, saturating = {}, 0
-        for name, m in model.named_modules():
-            meta = getattr(m, "fp8_meta", None)
-            if not meta or "scaling_fwd" not in meta or not hasattr(meta["scaling_fwd"], "amax_history"):
-                continue
-            fwd, bwd = meta["scaling_fwd"].amax_history, meta["scaling_bwd"].amax_history
-            amax[name] = {"input": fwd[-1, 0].item(), "weight": fwd[-1, 1].item(), "grad_output": bwd[-1, 0].item()}
-            if fwd.shape[0] > 2 and fwd[-1, 0] > fwd[1:-1, 0].max():
-                saturating += 1
-        return {"fp8_amax": amax, "fp8_saturating": saturating} if amax else {}
+        """Newest amax per GEMM and role (TE's last history row, the micro-batch just run),
+        and `fp8_saturating`: the SaturationCounter's count since the last call."""
+        modules = te_fp8_modules(model)
+        if not modules:
+            return {}
+        amax = {name: {role: m.fp8_meta[k].amax_history[-1, i].item() for role, (k, i) in zip(ROLES, TE_ROLE_SLOTS)}
+                for name, m in modules}
+        return {"fp8_amax": amax, "fp8_saturating": self.saturation.read(model)}
+
+
+def _without_pickled_extra_state(te_module_class):
+    """A TE module class whose _extra_state is empty on save and ignored on load (the FP8
+    state is restored from te_fp8_state's plain tensors instead), so that neither DeepSpeed's
+    strict load nor TE >= 2.18's pickle check ever sees TE's pickled recipe."""
+    return type(te_module_class.__name__, (te_module_class,), {
+        "get_extra_state": lambda self: torch.empty(0, dtype=torch.uint8),
+        "set_extra_state": lambda self, state: None,
+    })
 
 
 def te_available():
-    """(ok, reason): TE importable and a CUDA GPU with compute capability >= 8.9 present."""
+    """(ok, reason): Transformer Engine importable and able to run FP8 here by its own check
+    (te.is_fp8_available from TE 2.9, transformer_engine.pytorch.fp8.check_fp8_support
+    before): compute capability >= 8.9, and on Ada (8.9) also CUDA and cuBLASLt >= 12.1(.3)."""
     if not torch.cuda.is_available():
         return False, "no CUDA device"
-    if torch.cuda.get_device_capability() < (8, 9):
-        return False, f"GPU compute capability {torch.cuda.get_device_capability()} < (8, 9)"
     try:
-        import transformer_engine.pytorch  # noqa: F401
+        import transformer_engine.pytorch as te
+        if hasattr(te, "is_fp8_available"):
+            return te.is_fp8_available(return_reason=True)
+        from transformer_engine.pytorch.fp8 import check_fp8_support
+        return check_fp8_support()
     except Exception as e:  # ImportError, or a broken install raising anything else
-        return False, f"transformer_engine not importable ({type(e).__name__}: {e})"
-    return True, ""
+        return False, f"transformer_engine not usable ({type(e).__name__}: {e})"
+
+
+FP8_BACKENDS = ("auto", "te", "torch", "emulated")
+
+
+def choose_fp8_backend(fp8_backend="auto", capability=None, te_check=te_available):
+    """(backend, note) for fp8_backend='auto': on a CUDA GPU with FP8 tensor cores (compute
+    capability >= 8.9) Transformer Engine if its own check passes, else torch._scaled_mm,
+    with a note saying why TE was not used; anywhere else the emulation. Other names are
+    returned as they are. `capability` is the GPU's (None: no CUDA GPU)."""
+    if fp8_backend != "auto":
+        return fp8_backend, ""
+    if capability is None or tuple(capability) < (8, 9):
+        return "emulated", ""
+    ok, why = te_check()
+    if ok:
+        return "te", ""
+    return "torch", f"FP8 GEMMs through torch._scaled_mm, not Transformer Engine: {why}"
 
 
 def make_backend(precision="bf16", fp8_backend="auto", fp8_recipe="delayed",
                  fp8_amax_history_len=16, fp8_amax_compute_algo="max", device_type="cpu"):
+    """The backend for a precision. FP8 backends carry a `note` (one line, empty when there is
+    nothing to say) on why fp8_backend='auto' chose what it chose."""
     if precision == "bf16":
         return BF16Backend(device_type)
     if precision != "fp8":
@@ -369,14 +631,33 @@ def make_backend(precision="bf16", fp8_backend="auto", fp8_recipe="delayed",
         raise ValueError(f"fp8_recipe must be 'delayed' or 'current', got {fp8_recipe!r}")
     if fp8_amax_compute_algo not in ("max", "most_recent"):
         raise ValueError(f"fp8_amax_compute_algo must be 'max' or 'most_recent', got {fp8_amax_compute_algo!r}")
-    if fp8_backend == "auto":
-        fp8_backend = "te" if te_available()[0] else "emulated"
+    if fp8_backend not in FP8_BACKENDS:
+        raise ValueError(f"fp8_backend must be one of {', '.join(FP8_BACKENDS)}, got {fp8_backend!r}")
+    capability = torch.cuda.get_device_capability() if device_type == "cuda" and torch.cuda.is_available() else None
+    fp8_backend, note = choose_fp8_backend(fp8_backend, capability)
     if fp8_backend == "te":
         ok, why = te_available()
         if not ok:
-            raise RuntimeError(f"fp8_backend='te' needs Transformer Engine on a GPU with compute capability "
-                               f">= 8.9: {why}. Use fp8_backend='emulated' (same numerics, any device).")
-        return TransformerEngineBackend(fp8_recipe, fp8_amax_history_len, fp8_amax_compute_algo)
-    if fp8_backend == "emulated":
-        return EmulatedFP8Backend(fp8_recipe, fp8_amax_history_len, fp8_amax_compute_algo, device_type)
-    raise ValueError(f"fp8_backend must be 'auto', 'te' or 'emulated', got {fp8_backend!r}")
+            raise RuntimeError(f"fp8_backend='te' needs Transformer Engine on an FP8 GPU: {why}. "
+                               f"Use fp8_backend='torch' (FP8 GEMMs through PyTorch) or 'emulated' (any device).")
+        backend = TransformerEngineBackend(fp8_recipe, fp8_amax_history_len, fp8_amax_compute_algo)
+    else:
+        cls = TorchFP8Backend if fp8_backend == "torch" else EmulatedFP8Backend
+        backend = cls(fp8_recipe, fp8_amax_history_len, fp8_amax_compute_algo, device_type)
+    backend.note = note
+    return backend
+
+
+def fp8_shape_error(n_embd, vocab_size, micro_batch_tokens, fp8_backend):
+    """Why a GPT of this width / vocabulary / micro-batch cannot run its FP8 GEMMs, or None.
+    Every GEMM dimension (n_embd, 3 n_embd, 4 n_embd, vocab_size) must be a multiple of 16
+    (TE and torch._scaled_mm); tokens per micro-batch must be a multiple of 8 for TE (its
+    FP8 GEMM input height) and of 16 for torch._scaled_mm (the wgrad GEMM's inner dimension),
+    which 'auto' and 'emulated' also ask, so that a run that works on CPU works on a GPU."""
+    if n_embd % 16 or vocab_size % 16:
+        return f"FP8 GEMMs need n_embd and vocab_size to be multiples of 16 (got {n_embd}, {vocab_size})"
+    multiple = 8 if fp8_backend == "te" else 16
+    if micro_batch_tokens % multiple:
+        return (f"FP8 GEMMs ({fp8_backend}) need micro_batch_size x block_size to be a multiple of {multiple} "
+                f"(got {micro_batch_tokens})")
+    return None

@@ -59,7 +59,7 @@ beta2 = 0.95
 grad_clip = 1.0
 # precision
 precision = "bf16"  # 'bf16' or 'fp8'
-fp8_backend = "auto"  # 'auto' (TE on a GPU with capability >= 8.9 and TE installed, else emulated), 'te', 'emulated'
+fp8_backend = "auto"  # 'auto' (FP8 GPU: TE if usable, else 'torch'; elsewhere emulated), 'te', 'torch', 'emulated'
 fp8_recipe = "delayed"  # 'delayed' (TE DelayedScaling) or 'current' (Float8CurrentScaling)
 fp8_amax_history_len = 16
 fp8_amax_compute_algo = "max"
@@ -127,8 +127,8 @@ def te_usable(fp8_backend):
 
 def te_missing():
     from precision import te_available
-    return (f"'auto' or 'emulated' here: 'te' needs Transformer Engine on a CUDA GPU with compute capability "
-            f">= 8.9 ({te_available()[1]}); 'emulated' has the same numerics on any device")
+    return (f"'auto', 'torch' or 'emulated' here: 'te' needs Transformer Engine on an FP8 GPU "
+            f"({te_available()[1]}); 'torch' runs FP8 GEMMs through PyTorch, 'emulated' on any device")
 
 
 CHECKS = [
@@ -156,7 +156,7 @@ CHECKS = [
     ("beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("grad_clip", lambda v: v >= 0, ">= 0 (0: no clipping)"),
     ("precision", *one_of("bf16", "fp8")),
-    ("fp8_backend", *one_of("auto", "te", "emulated")),
+    ("fp8_backend", *one_of("auto", "te", "torch", "emulated")),  # precision.FP8_BACKENDS
     ("fp8_backend", te_usable, te_missing),
     ("fp8_recipe", *one_of("delayed", "current")),
     ("fp8_amax_history_len", lambda v: v >= 1, ">= 1"),
@@ -194,7 +194,7 @@ import torch  # noqa: E402
 
 import data as D  # noqa: E402
 from model import GPTConfig  # noqa: E402
-from precision import make_backend, te_available  # noqa: E402
+from precision import fp8_shape_error, make_backend, te_available  # noqa: E402
 
 use_cuda = torch.cuda.is_available()
 ckpt_dir = os.path.join(out_dir, "ckpt")
@@ -207,6 +207,8 @@ if init_from not in ("scratch", "resume"):  # a Hugging Face GPT-2 directory: it
         die(str(e))
     n_layer, n_head, n_embd, bias = (hf_args[k] for k in ("n_layer", "n_head", "n_embd", "bias"))
     config.update(n_layer=n_layer, n_head=n_head, n_embd=n_embd, bias=bias)
+if precision == "fp8" and fp8_shape_error(n_embd, vocab_size, micro_batch_size * block_size, fp8_backend):
+    die(fp8_shape_error(n_embd, vocab_size, micro_batch_size * block_size, fp8_backend))
 try:
     train_data = D.open_split(data_dir, "train", block_size, vocab_size)
     val_data = D.open_split(data_dir, "val", block_size, vocab_size)
@@ -306,8 +308,10 @@ if convert_from:
             f"after fixing the cause run `{' '.join(convert)}` and resume again", status=1)
 
 backend = make_backend(precision, fp8_backend, fp8_recipe, fp8_amax_history_len, fp8_amax_compute_algo, device.type)
+if master and precision == "fp8" and backend.note:
+    print(f"note: {backend.note}")
 if master and precision == "fp8" and backend.name == "emulated" and use_cuda:
-    print("warning: FP8 is emulated (Transformer Engine unavailable: %s); numerics as TE, speed not" % te_available()[1])
+    print("warning: FP8 is emulated on a GPU (%s); numerics as TE, speed not" % te_available()[1])
 
 ds_config = {
     "train_batch_size": micro_batch_size * grad_accum * world_size,
@@ -344,7 +348,7 @@ else:
     optimizer = torch.optim.AdamW(param_groups(model), lr=learning_rate, betas=(beta1, beta2))
 engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
 raw_model = engine.module
-from precision import keep_fp8_state_fp32  # noqa: E402
+from precision import keep_fp8_state_fp32, load_te_fp8_state, te_fp8_state  # noqa: E402
 
 keep_fp8_state_fp32(raw_model)  # DeepSpeed casts float buffers to bf16; scales and amaxes stay fp32
 
@@ -403,15 +407,14 @@ def pointed_tags():
 
 
 def consolidated_state():
-    """bf16 weights gathered on rank 0 (collective), with the FP8 state: the emulated
-    backend's scales and amax histories are buffers and come with the weights;
-    Transformer Engine's live in _extra_state, which DeepSpeed's export drops."""
+    """bf16 weights gathered on rank 0 (collective), with the FP8 state: the emulated and
+    torch backends' scales and amax histories are buffers and come with the weights;
+    Transformer Engine's are saved as plain tensors (fp8_te_state), never as its pickled _extra_state."""
     sd = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else raw_model.state_dict()
     if not master:
         return None
     sd = {k: v for k, v in sd.items() if not k.endswith("_extra_state")}
-    te_state = {n + "._extra_state": m.get_extra_state() for n, m in raw_model.named_modules() if hasattr(m, "fp8_meta")}
-    return {"model": sd, "fp8_extra_state": te_state, "model_args": model_args, "config": config}
+    return {"model": sd, "fp8_te_state": te_fp8_state(raw_model), "model_args": model_args, "config": config}
 
 
 def save_checkpoint(tag, pointer, state):
@@ -525,7 +528,7 @@ def peak_flops():
     name = torch.cuda.get_device_name(device)
     for key, (bf16, fp8) in GPU_PEAK_TFLOPS.items():
         if key in name:
-            peak = fp8 if precision == "fp8" and backend.name == "te" and fp8 else bf16
+            peak = fp8 if precision == "fp8" and backend.name in ("te", "torch") and fp8 else bf16
             return peak * 1e12
     return None
 
@@ -541,16 +544,15 @@ if resume_tag:
     if convert_from:
         _, client = engine.load_checkpoint(os.path.join(ckpt_dir, resume_tag), tag="universal")
         # a universal checkpoint restores parameters and optimizer state; the module's buffers
-        # (the FP8 scaling state) and TE's extra state come from the model states themselves
+        # (the emulated and torch backends' FP8 scaling state) come from the model states themselves
         model_states = sorted(f for f in os.listdir(os.path.join(ckpt_dir, resume_tag)) if f.endswith("model_states.pt"))
         saved = torch.load(os.path.join(ckpt_dir, resume_tag, model_states[0]), map_location=device, weights_only=False)["module"]
         for n, b in raw_model.named_buffers():
             b.copy_(saved[n])
-        for n, m in raw_model.named_modules():
-            if hasattr(m, "fp8_meta") and n + "._extra_state" in saved:
-                m.set_extra_state(saved[n + "._extra_state"])
     else:
         _, client = engine.load_checkpoint(ckpt_dir, tag=resume_tag)  # copies into the fp32 FP8 buffers as they are
+    if backend.name == "te":  # TE's scaling state, saved as plain tensors in the client state
+        load_te_fp8_state(raw_model, client.get("fp8_te_state", {}), backend.recipe)
     iter_num, best_val_loss, best_train_loss = client["iter"], client["best_val_loss"], client["best_train_loss"]
     act_peak, wandb_id = client["act_peak"], client.get("wandb_id")
     # every rank starts from the same seed, so a rank the checkpoint did not have takes rank 0's state
@@ -615,7 +617,7 @@ def act_stats():
 
 def client_state(**extra):
     return dict(iter=iter_num, best_val_loss=best_val_loss, best_train_loss=best_train_loss, act_peak=act_peak,
-                wandb_id=wandb_id, model_args=model_args, config=config, **extra)
+                wandb_id=wandb_id, model_args=model_args, config=config, fp8_te_state=te_fp8_state(raw_model), **extra)
 
 
 # ---- the training loop ---------------------------------------------------------------

@@ -12,6 +12,7 @@ A resumed run logs some iterations twice; the later line wins.
 import json
 import math
 import os
+import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -139,6 +140,8 @@ def summarize(out_dir):
         "peak": max((r["act_peak"] for r in train), default=None),
         "s_per_iter": s_per_iter, "iters_timed": iters_timed,
         "iter_per_hour": 3600 / s_per_iter if s_per_iter else None,
+        "tokens_per_sec": config["total_batch_tokens"] / s_per_iter if s_per_iter else None,
+        "mfu": statistics.median(r["mfu"] for r in train if "mfu" in r) if any("mfu" in r for r in train) else None,
         # GPU-hours for max_iters, as the paper's Table 10 (XL: 100k iterations at 661 iter/H on 8 GPUs = 1210 H)
         "total_hours": s_per_iter * max_iters / 3600 * run.get("world_size", 1) if s_per_iter else None,
         "vram_gb": max((r["mem_peak_gb"] for r in train), default=None),

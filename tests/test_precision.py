@@ -1,14 +1,17 @@
 """precision.py: the emulated FP8 numerics (E4M3/E5M2, delayed and current scaling),
 the backend choice, and state that moves between backends."""
+import math
 import socket
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from model import GPT, GPTConfig
-from precision import (E4M3, FP8Linear, LayerNormLinear, dequantize, fp8_layers, fp8_telemetry, make_backend, quantize,
-                       te_available, update_fp8_scales)
+from precision import (E4M3, E5M2, EmulatedGemm, FP8Linear, LayerNormLinear, SaturationCounter, ScaledMMGemm, amax_of,
+                       choose_fp8_backend, dequantize, fp8_layers, fp8_shape_error, fp8_telemetry, make_backend,
+                       quantize, scaled_mm_error, te_available, te_fp8_state, update_fp8_scales)
 
 
 def delayed_linear(history_len=16, n=64):
@@ -145,6 +148,7 @@ def test_checkpoints_move_between_backends():
 def test_backend_choice():
     assert make_backend("bf16").name == "bf16"
     assert make_backend("fp8", "emulated").name == "emulated"
+    assert make_backend("fp8", "torch").name == "torch"
     if not te_available()[0]:
         assert make_backend("fp8", "auto").name == "emulated"
         with pytest.raises(RuntimeError, match="Transformer Engine"):
@@ -174,3 +178,284 @@ def test_amax_is_max_reduced_across_data_parallel_ranks():
     mp.spawn(_amax_worker, args=(port, results), nprocs=2)
     assert results[0] == results[1]
     assert results[0][0] >= 7.0  # rank 0's outlier reached rank 1's history
+
+
+# ---- the fast emulation: same FP8 operands as before, same numerics as TE's kernels ----
+
+def reference_quantize(x, scale, dtype):
+    """The emulation's quantize() before it was fused (three passes): the oracle that the
+    faster version must match bit for bit."""
+    limit = torch.finfo(dtype).max
+    amax = torch.linalg.vector_norm(x.detach(), float("inf")).float()
+    y = x.to(torch.float32, copy=True).mul_(scale)
+    saturated = torch.count_nonzero(y.abs() > limit) if bool(amax * scale > limit) else torch.tensor(0)
+    if bool(amax * scale > limit):
+        y.clamp_(-limit, limit)
+    return y.to(dtype), saturated
+
+
+@pytest.mark.parametrize("dtype", [E4M3, E5M2])
+@pytest.mark.parametrize("src", [torch.float32, torch.bfloat16])
+def test_quantized_operands_are_bit_identical_to_the_reference(dtype, src):
+    torch.manual_seed(0)
+    x = torch.randn(257, 96) * torch.logspace(-6, 3, 96)  # subnormal to saturating magnitudes
+    x[3, 5], x[7, 9] = 1e5, -3e4
+    x = x.to(src)
+    for scale in [torch.tensor(1.0), torch.tensor(0.37), torch.tensor(3.3e-3), fp8_max_over(x, dtype)]:
+        q, n = quantize(x, scale, dtype)
+        q_ref, n_ref = reference_quantize(x, scale, dtype)
+        assert q.dtype == dtype and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+        assert n.item() == n_ref.item()
+
+
+def fp8_max_over(x, dtype):
+    return torch.finfo(dtype).max / x.float().abs().max()
+
+
+def test_gemm_runs_on_the_fp8_values_with_one_rounding():
+    """bf16 GEMM of the raw FP8 values, scales applied to the fp32 accumulator: equal to the
+    float64 product of the dequantized operands, rounded once to bf16 (up to fp32 rounding
+    of the accumulator, i.e. nearly always exactly)."""
+    torch.manual_seed(0)
+    a = (torch.randn(64, 128) * 30).to(E4M3)
+    b = (torch.randn(128, 48) * 30).to(E4M3)
+    sa, sb, bias = torch.tensor(0.013), torch.tensor(7.1), torch.randn(48).to(torch.bfloat16)
+    out = EmulatedGemm.mm(a, b, sa, sb, torch.bfloat16, bias)
+    exact = (a.double() * sa.double()) @ (b.double() * sb.double()) + bias.double()
+    assert out.dtype == torch.bfloat16
+    assert (out != exact.to(torch.bfloat16)).float().mean() < 1e-3
+    assert ((out.double() - exact).abs() <= exact.abs() * 2.0 ** -8 + 1e-30).all()  # within bf16 rounding
+    # the fp32 path (no autocast) keeps fp32
+    out32 = EmulatedGemm.mm(a, b, sa, sb, torch.float32)
+    assert out32.dtype == torch.float32 and torch.allclose(out32.double(), exact - bias.double(), rtol=1e-5, atol=1e-3)
+
+
+def test_amax_skips_nan_like_te():
+    x = torch.tensor([1.0, float("nan"), -3.0, 2.0])
+    assert amax_of(x).item() == 3.0
+    assert amax_of(torch.tensor([1.0, float("inf"), float("nan")])).item() == float("inf")
+    layer = delayed_linear(4)
+    for _ in range(2):
+        train_step(layer, torch.randn(8, 64))
+    poisoned = torch.randn(8, 64)
+    poisoned[0, 0] = float("nan")
+    train_step(layer, poisoned)
+    update_fp8_scales(layer)
+    assert torch.isfinite(layer.fp8_amax_history).all()
+    assert layer.fp8_scale[0].item() == pytest.approx(448.0 / layer.fp8_amax_history[:, 0].max().item())
+
+
+def test_a_zero_amax_leaves_that_role_alone_as_in_te():
+    """delayed_scaling.cu (kernel_bulk): a scale whose newest amax is 0 is not rolled and keeps its scale."""
+    layer = delayed_linear(4)
+    for _ in range(3):
+        train_step(layer, torch.randn(8, 64))
+    update_fp8_scales(layer)
+    history, scale = layer.fp8_amax_history.clone(), layer.fp8_scale.clone()
+    layer.fp8_amax_pending.copy_(torch.tensor([5.0, 0.0, 0.0]))
+    update_fp8_scales(layer)
+    assert torch.equal(layer.fp8_amax_history[:, 1:], history[:, 1:]) and torch.equal(layer.fp8_scale[1:], scale[1:])
+    assert layer.fp8_amax_history[0, 0].item() == 5.0 and torch.equal(layer.fp8_amax_history[1:, 0], history[:-1, 0])
+    assert layer.fp8_scale[0].item() == pytest.approx(448.0 / max(5.0, history[:-1, 0].max().item()))
+
+
+def test_fp8_layers_return_the_autocast_dtype():
+    """Under CUDA autocast layer_norm returns fp32; the FP8 layer must still return the
+    autocast dtype. An fp32 input under CPU autocast reproduces that case."""
+    layer = delayed_linear(4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(torch.randn(16, 64)).dtype == torch.bfloat16
+    assert layer(torch.randn(16, 64)).dtype == torch.float32
+
+
+def test_telemetry_reports_the_micro_batch_just_run():
+    layer = delayed_linear(4)
+    for scale in (1.0, 10.0):
+        x = torch.randn(8, 64) * scale
+        train_step(layer, x)
+        amax = fp8_telemetry(layer)["fp8_amax"][""]
+        assert amax["input"] == pytest.approx(x.abs().max().item())
+        assert amax["weight"] == pytest.approx(layer.weight.abs().max().item())
+
+
+# ---- fp8_backend='torch': real FP8 GEMMs through torch._scaled_mm ----
+
+def test_scaled_mm_rules_are_enforced_on_every_device():
+    a, b = torch.zeros(32, 64).to(E4M3), torch.zeros(48, 64).to(E4M3).t()  # row-major @ column-major
+    one = torch.tensor(1.0)
+    assert scaled_mm_error(a, b, one, one) is None
+    bad = [((a, b.contiguous(), one, one), "column-major"), ((a.t().contiguous().t(), b, one, one), "row-major"),
+           ((a[:, :40], b[:40], one, one), "multiples of 16"), ((a, b[:, :40], one, one), "multiples of 16"),
+           ((a.to(E5M2), b.to(E5M2), one, one), "E5M2 x E5M2"), ((a, b, one.double(), one), "fp32"),
+           ((a, b, torch.ones(2), one), "single-element")]
+    for args, why in bad:
+        assert why in scaled_mm_error(*args)
+        with pytest.raises(ValueError, match=why):
+            ScaledMMGemm.mm(*args, torch.bfloat16)
+    # E5M2 x E4M3 (dgrad, wgrad) runs; the first operand may be E5M2
+    assert ScaledMMGemm.mm(a.to(E5M2), b, one, one, torch.bfloat16).shape == (32, 48)
+
+
+def test_scaled_mm_gemm_agrees_with_the_emulation():
+    torch.manual_seed(0)
+    a, b = (torch.randn(64, 128) * 20).to(E5M2), (torch.randn(48, 128) * 20).to(E4M3).t()
+    sa, sb, bias = torch.tensor(0.021), torch.tensor(3.7), torch.randn(48).to(torch.bfloat16)
+    emulated = EmulatedGemm.mm(a, b, sa, sb, torch.bfloat16, bias)
+    real = ScaledMMGemm.mm(*ScaledMMGemm.operands(a, b), sa, sb, torch.bfloat16, bias)
+    assert real.dtype == torch.bfloat16
+    assert ((real.float() - emulated.float()).abs() <= emulated.float().abs() * 2.0 ** -8).all()
+
+
+class RecordingGemm:
+    """Wraps a backend's GEMM to keep every FP8 operand it is given (a test spy, the GEMM still runs)."""
+
+    def __init__(self, gemm):
+        self.gemm, self.operands_seen = gemm, []
+
+    def operands(self, a, b):
+        return self.gemm.operands(a, b)
+
+    def widen(self, q, out_dtype):
+        return self.gemm.widen(q, out_dtype)
+
+    def mm(self, a, b, *rest):
+        self.operands_seen.append((a.float(), b.float()))  # the exact values, FP8 or FP8-valued bf16
+        return self.gemm.mm(a, b, *rest)
+
+
+def tiny_run(backend_name, steps, spy=False):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny GEMMs: one thread is faster, and identical for both backends
+    try:
+        return _tiny_run(backend_name, steps, spy)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _tiny_run(backend_name, steps, spy):
+    torch.manual_seed(0)
+    backend = make_backend("fp8", backend_name)
+    model = GPT(tiny(), backend)
+    spies = {}
+    if spy:
+        for name, m in fp8_layers(model):
+            m.fp8_gemm = spies[name] = RecordingGemm(m.fp8_gemm)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    data = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(steps):
+        x = torch.randint(0, 64, (4, 32), generator=data)  # a small alphabet: the loss falls quickly
+        with backend.autocast(model):
+            out = model(x, torch.roll(x, -1, 1))
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(out.loss.item())
+    return losses, spies
+
+
+def test_torch_backend_matches_the_emulation():
+    """Same model, seed and data: bit-identical FP8 operands (first step, every GEMM of
+    forward and backward), and a 60-step loss trajectory within 1e-2 relative."""
+    _, emulated = tiny_run("emulated", 1, spy=True)
+    _, real = tiny_run("torch", 1, spy=True)
+    assert emulated.keys() == real.keys()
+    for name in emulated:
+        seen_e, seen_r = emulated[name].operands_seen, real[name].operands_seen
+        assert len(seen_e) == len(seen_r) == 3  # fprop, dgrad, wgrad
+        for (a_e, b_e), (a_r, b_r) in zip(seen_e, seen_r):
+            assert torch.equal(a_e, a_r) and torch.equal(b_e, b_r), name
+    loss_e, _ = tiny_run("emulated", 60)
+    loss_r, _ = tiny_run("torch", 60)
+    print(f"60 steps: emulated {loss_e[0]:.4f} -> {loss_e[-1]:.4f}, torch {loss_r[0]:.4f} -> {loss_r[-1]:.4f}")
+    assert loss_e[-1] < 0.8 * loss_e[0]  # it trains
+    assert max(abs(r / e - 1) for e, r in zip(loss_e, loss_r)) < 1e-2
+
+
+def test_auto_never_picks_the_emulation_on_an_fp8_gpu():
+    te_ok, te_missing = (lambda: (True, "")), (lambda: (False, "transformer_engine not usable (ImportError)"))
+    ada_old_cublas = lambda: (False, "CublasLt version 12.1.3.x or higher required for FP8 execution on Ada.")  # noqa: E731
+    assert choose_fp8_backend("auto", (9, 0), te_ok) == ("te", "")
+    for capability, check in [((9, 0), te_missing), ((8, 9), ada_old_cublas)]:
+        backend, note = choose_fp8_backend("auto", capability, check)
+        assert backend == "torch" and check()[1] in note and "\n" not in note
+    assert choose_fp8_backend("auto", (8, 6), te_ok) == ("emulated", "")  # no FP8 tensor cores
+    assert choose_fp8_backend("auto", None, te_ok) == ("emulated", "")    # no GPU
+    assert choose_fp8_backend("torch", (9, 0), te_ok) == ("torch", "")
+
+
+def test_fp8_shape_rules():
+    assert fp8_shape_error(768, 50304, 16 * 1024, "te") is None
+    assert "multiples of 16" in fp8_shape_error(72, 50304, 1024, "te")
+    assert "multiples of 16" in fp8_shape_error(768, 50257, 1024, "torch")
+    assert fp8_shape_error(768, 50304, 24, "te") is None and "multiple of 16" in fp8_shape_error(768, 50304, 24, "torch")
+    assert "multiple of 8" in fp8_shape_error(768, 50304, 12, "te")
+
+
+# ---- Transformer Engine's saturation telemetry, against TE's update semantics ----
+
+def te_delayed_update(meta, maxes, algo="max"):
+    """Test oracle: TE's fused amax-and-scale update after the amax reduction for one meta
+    (transformer_engine/common/recipe/delayed_scaling.cu, kernel_bulk), re-implemented.
+    The step's amax was written to row 0; a nonzero one is rolled to the LAST row (row 0
+    zeroed for the next step) and the scale is fp8_max / amax of the window; a zero amax
+    leaves history and scale alone; a non-finite or zero window amax keeps the scale."""
+    h, scale = meta.amax_history, meta.scale
+    for i in range(h.shape[1]):
+        last = h[0, i].item()
+        if last == 0.0:
+            continue
+        window = torch.cat([h[1:, i], torch.tensor([last])])  # the H newest amaxes
+        h[:, i] = torch.cat([torch.zeros(1), h[2:, i], torch.tensor([last])])
+        amax = window.max().item() if algo == "max" else last
+        if math.isfinite(amax) and amax > 0:
+            scale[i] = min(maxes[i] / amax, torch.finfo(torch.float32).max)
+
+
+class TEMetaOracle(torch.nn.Module):
+    """A module holding fp8_meta laid out as a TE Linear's (scaling_fwd: input, weight, output;
+    scaling_bwd: grad_output, grad_input), updated only through te_delayed_update."""
+
+    def __init__(self, history_len):
+        super().__init__()
+        meta = lambda n: SimpleNamespace(scale=torch.ones(n), amax_history=torch.zeros(history_len, n))  # noqa: E731
+        self.fp8_meta = {"scaling_fwd": meta(3), "scaling_bwd": meta(2)}
+
+    def micro_batch(self, fwd_amax, bwd_amax):
+        """Quantize with the current scales (returning how many roles clipped), then update."""
+        used = [self.fp8_meta["scaling_fwd"].scale[0].item(), self.fp8_meta["scaling_fwd"].scale[1].item(),
+                self.fp8_meta["scaling_bwd"].scale[0].item()]
+        clipped = sum(a * s > m for a, s, m in zip([fwd_amax[0], fwd_amax[1], bwd_amax[0]], used, (448.0, 448.0, 57344.0)))
+        for key, amax, maxes in [("scaling_fwd", fwd_amax, (448.0,) * 3), ("scaling_bwd", bwd_amax, (57344.0,) * 2)]:
+            self.fp8_meta[key].amax_history[0] = torch.tensor(amax)
+            te_delayed_update(self.fp8_meta[key], maxes)
+        return int(clipped)
+
+
+def test_te_saturation_counter_matches_te_semantics():
+    """Over many micro-batches with outliers, zero-gradient steps, telemetry reads every 4
+    micro-batches, the counter finds exactly the clipped tensors."""
+    gen = torch.Generator().manual_seed(0)
+    model = torch.nn.ModuleDict({f"gemm{i}": TEMetaOracle(16) for i in range(3)})
+    counter, truth, counted, reads = SaturationCounter(), 0, 0, 0
+    for step in range(600):
+        counter.step(model)  # what TransformerEngineBackend.autocast does before a training micro-batch
+        for m in model.values():
+            a = torch.exp(torch.randn(5, generator=gen)).tolist()
+            if torch.rand(1, generator=gen).item() < 0.05:
+                a[0] *= 50  # a new input outlier
+            if torch.rand(1, generator=gen).item() < 0.05:
+                a[3] *= 1e4  # a gradient spike
+            if torch.rand(1, generator=gen).item() < 0.05:
+                a[3] = 0.0  # no gradient reached this GEMM: TE does not roll
+            truth += m.micro_batch(a[:3], a[3:])
+        if step % 4 == 3:
+            counted += counter.read(model)
+            reads += 1
+            assert counted == truth, step
+    print(f"{truth} clipped tensors in 600 micro-batches x 3 GEMMs, {reads} reads")
+    assert truth > 20 and counted == truth
+    state = te_fp8_state(model)
+    assert set(state) == {f"gemm{i}.{k}.{t}" for i in range(3) for k in ("scaling_fwd", "scaling_bwd")
+                          for t in ("scale", "amax_history")}
+    assert all(v.device.type == "cpu" and v.dtype == torch.float32 for v in state.values())

@@ -167,8 +167,8 @@ RULE_CASES = [
     ("--beta2=-0.5", "beta2=-0.5 must be in [0, 1)"),
     ("--grad_clip=-1.0", "grad_clip=-1.0 must be >= 0"),
     ("--precision=BF16", "precision='BF16' must be one of 'bf16', 'fp8'"),
-    ("--fp8_backend=TE", "fp8_backend='TE' must be one of 'auto', 'te', 'emulated'"),
-    ("--precision=fp8 --fp8_backend=te", "fp8_backend='te' must be 'auto' or 'emulated' here: 'te' needs Transformer Engine"),
+    ("--fp8_backend=TE", "fp8_backend='TE' must be one of 'auto', 'te', 'torch', 'emulated'"),
+    ("--precision=fp8 --fp8_backend=te", "fp8_backend='te' must be 'auto', 'torch' or 'emulated' here: 'te' needs Transformer Engine"),
     ("--fp8_recipe=Delayed", "fp8_recipe='Delayed' must be one of 'delayed', 'current'"),
     ("--fp8_amax_history_len=0", "fp8_amax_history_len=0 must be >= 1"),
     ("--fp8_amax_compute_algo=mean", "fp8_amax_compute_algo='mean' must be one of 'max', 'most_recent'"),
@@ -416,3 +416,29 @@ def test_init_from_a_hugging_face_directory_starts_from_its_weights(hf_gpt2, dem
     state, _, _ = hf_gpt2_state(hf_gpt2[0], 50304, 64)
     for k, v in state.items():
         assert torch.equal(saved["model"][k], v.bfloat16()), k
+
+
+def test_torch_fp8_backend_two_rank_zero3_matches_the_emulation(runs, demo_data, tmp_path):
+    """--fp8_backend=torch (real FP8 GEMMs through torch._scaled_mm) under 2-rank ZeRO-3 trains
+    along the emulated backend's loss curve: same scaling state, same FP8 operands."""
+    out_dir = str(tmp_path / "torch_fp8")
+    train(2, f"--data_dir={demo_data}", f"--out_dir={out_dir}", "--precision=fp8", "--fp8_backend=torch", *RUN)
+    rows = metrics(out_dir)
+    real, emulated = losses(rows), losses(metrics(runs["fp8"]))
+    assert real.keys() == emulated.keys() == set(range(1, 25))
+    worst = max(abs(real[i] / emulated[i] - 1) for i in real)
+    print(f"torch vs emulated FP8, 24 steps: worst relative loss difference {worst:.2e}")
+    assert worst < 1e-2
+    last = [r for r in rows if "loss" in r][-1]
+    assert last["fp8_amax"]["lm_head"]["grad_output"] > 0
+    model_file = torch.load(os.path.join(out_dir, "model_last.pt"), weights_only=True)
+    assert model_file["config"]["fp8_backend"] == "torch" and "lm_head.fp8_scale" in model_file["model"]
+
+
+def test_fp8_shape_rules_are_checked_before_any_work(demo_data, tmp_path):
+    for args, message in [(["--n_embd=72"], "multiples of 16"), (["--vocab_size=50264"], "multiples of 16")]:
+        out_dir = tmp_path / "run"
+        r = train(1, f"--out_dir={out_dir}", f"--data_dir={demo_data}", "--precision=fp8", *args, check=False)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.stderr
+        assert not out_dir.exists()

@@ -1,0 +1,121 @@
+"""
+A check for a fresh install on one GPU: trains the 124M config for 50 steps in BF16, FP8 with
+torch._scaled_mm and (if installed and usable) FP8 with Transformer Engine, through train.py,
+and checks that
+
+  - the FP8 losses agree with BF16's: the mean of the last 5 logged losses within --loss_rtol
+    (5%; at this point of training FP8 and BF16 differ by far less);
+  - save and resume work: a copy of each run resumed from its middle checkpoint reproduces the
+    last loss within --resume_rtol (1e-2; GPU kernels are not bit-deterministic);
+
+then prints Table 10's columns for one GPU (iter/hour, tokens/s, MFU, peak memory) with ratios
+against BF16. Exit status 0 when every check passes, 1 when one fails.
+
+    python bench/gpu_check.py                                   # demo corpus, out/gpu_check
+    python bench/gpu_check.py --data_dir=data/openwebtext --total_batch_tokens=131072
+    python bench/gpu_check.py --config=configs/tiny.py --max_iters=6   # the logic, on CPU
+
+Other --key=value arguments go to train.py as they are.
+"""
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from bench.runs import summarize  # noqa: E402
+
+OPTIONS = dict(config="configs/gpt2_124m_bf16.py", max_iters=50, data_dir="", out_dir="out/gpu_check",
+               loss_rtol=0.05, resume_rtol=1e-2)
+MODES = {"bf16": ["--precision=bf16"], "torch": ["--precision=fp8", "--fp8_backend=torch"],
+         "te": ["--precision=fp8", "--fp8_backend=te"]}
+
+
+def parse(argv):
+    opts, passthrough = dict(OPTIONS), []
+    for a in argv:
+        key, _, value = a.lstrip("-").partition("=")
+        if a.startswith("--") and key in OPTIONS:
+            opts[key] = type(OPTIONS[key])(value)
+        else:
+            passthrough.append(a)
+    return opts, passthrough
+
+
+def train(out_dir, args):
+    """train.py in one process: one GPU (Table 10's per-GPU numbers)."""
+    r = subprocess.run([sys.executable, "train.py", *args, f"--out_dir={out_dir}"], cwd=REPO, capture_output=True,
+                       text=True)
+    if r.returncode:
+        sys.stderr.write(r.stdout[-2000:] + r.stderr[-2000:])
+    return r.returncode
+
+
+def losses(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return {r["iter"]: r["loss"] for r in rows if "loss" in r and "event" not in r}
+
+
+def main(argv):
+    opts, passthrough = parse(argv)
+    n, half = opts["max_iters"], opts["max_iters"] // 2
+    if half < 1:
+        print("error: --max_iters must be at least 2", file=sys.stderr)
+        return 2
+    if os.path.exists(opts["out_dir"]):
+        print(f"error: {opts['out_dir']} exists; choose another --out_dir", file=sys.stderr)
+        return 2
+    from precision import te_available
+    modes = ["bf16", "torch"] + (["te"] if te_available()[0] else [])
+    if not te_available()[0]:
+        print(f"Transformer Engine not checked: {te_available()[1]}")
+    data_dir = opts["data_dir"]
+    if not data_dir:
+        data_dir = os.path.join(opts["out_dir"], "data")
+        subprocess.run([sys.executable, "prepare_openwebtext.py", "--demo", f"--out_dir={data_dir}"], cwd=REPO,
+                       check=True, capture_output=True)
+    schedule = [opts["config"], f"--data_dir={data_dir}", f"--max_iters={n}", f"--lr_decay_iters={n}",
+                f"--warmup_iters={max(1, n // 5)}", "--log_interval=1", f"--eval_interval={n}", f"--ckpt_interval={half}",
+                "--ckpt_keep=0", "--act_stats_interval=0", "--eval_iters=2", *passthrough]
+    results, failures = {}, []
+    for mode in modes:
+        run_dir, resumed = os.path.join(opts["out_dir"], mode), os.path.join(opts["out_dir"], mode + "_resumed")
+        if train(run_dir, schedule + MODES[mode]):
+            failures.append(f"{mode}: train.py failed")
+            continue
+        # resume a copy from its middle checkpoint and run it to the end again
+        shutil.copytree(run_dir, resumed)
+        with open(os.path.join(resumed, "ckpt", "latest"), "w") as f:
+            f.write(f"iter_{half:07d}")
+        if train(resumed, schedule + MODES[mode] + ["--init_from=resume"]):
+            failures.append(f"{mode}: resume failed")
+            continue
+        full, again = losses(run_dir), losses(resumed)
+        results[mode] = dict(summarize(run_dir), final_loss=statistics.mean(full[i] for i in sorted(full)[-5:]),
+                             resume_diff=abs(again[n] / full[n] - 1))
+    base = results.get("bf16")
+    print(f"\n{'mode':<6} {'iter/h':>9} {'vs bf16':>8} {'tokens/s':>10} {'MFU':>6} {'mem GB':>7} {'vs bf16':>8} "
+          f"{'loss':>7} {'resume':>8}")
+    for mode, r in results.items():
+        ratio = lambda k: f"{r[k] / base[k]:.2f}x" if base and base.get(k) and r.get(k) else "-"  # noqa: E731
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        print(f"{mode:<6} {r['iter_per_hour']:>9.0f} {ratio('iter_per_hour'):>8} {r['tokens_per_sec']:>10.0f} {mfu:>6} "
+              f"{r['vram_gb']:>7.2f} {ratio('vram_gb'):>8} {r['final_loss']:>7.4f} {r['resume_diff']:>8.1e}")
+        if r["resume_diff"] > opts["resume_rtol"]:
+            failures.append(f"{mode}: resumed loss differs by {r['resume_diff']:.1e} > {opts['resume_rtol']}")
+        if base and abs(r["final_loss"] / base["final_loss"] - 1) > opts["loss_rtol"]:
+            failures.append(f"{mode}: loss {r['final_loss']:.4f} vs bf16 {base['final_loss']:.4f} "
+                            f"(> {opts['loss_rtol']:.0%} apart)")
+    for f in failures:
+        print(f"FAILED {f}")
+    print("all checks passed" if not failures else f"{len(failures)} check(s) failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
