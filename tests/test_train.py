@@ -157,3 +157,23 @@ def test_the_deepspeed_launcher_runs_it(demo_data, tmp_path):
                        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert [row["iter"] for row in metrics(f"{tmp_path}/ds") if "val_loss" in row] == [2]
+
+
+@pytest.mark.parametrize("mode", ["bf16", "bf16_tweo", "fp8", "fp8_tweo"])
+def test_mini_configs_load_and_train(stdlib_data, tmp_path, mode):
+    out_dir = str(tmp_path / mode)
+    r = subprocess.run([sys.executable, "train.py", f"configs/mini_{mode}.py", f"--data_dir={stdlib_data}",
+                        f"--out_dir={out_dir}", "--max_iters=3", "--eval_interval=3", "--eval_iters=1",
+                        "--log_interval=1", "--ckpt_interval=3", "--act_stats_interval=3"],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = metrics(out_dir)
+    train_rows = [row for row in rows if "loss" in row]
+    assert [row["iter"] for row in train_rows] == [1, 2, 3]
+    assert abs(train_rows[0]["loss"] - math.log(18779)) < 0.6  # about uniform over the compact vocabulary, not 50304
+    assert len(train_rows[0]["act_max_per_layer"]) == 8
+    assert (train_rows[-1]["tweo_loss"] > 0) == mode.endswith("tweo")
+    assert ("fp8_amax" in train_rows[-1]) == mode.startswith("fp8")
+    assert [row["iter"] for row in rows if "val_loss" in row] == [3]
+    model_file = torch.load(os.path.join(out_dir, "model_last.pt"), weights_only=True)
+    assert model_file["model_args"]["vocab_size"] == 18784 and model_file["config"]["learning_rate"] == 0.01
