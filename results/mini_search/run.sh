@@ -5,4 +5,4 @@ name=$1; mode=$2; shift 2
 cd "$(dirname "$0")/../.." || exit 2
 nohup nice -n 19 .venv/bin/python bench/mini_search.py --mode="$mode" --out="results/mini_search/${name}_${mode}.jsonl" "$@" \
     > "results/mini_search/${name}_${mode}.log" 2>&1 &
-echo $! > "results/mini_search/${name}_${mode}.pid"
+echo $! > "/tmp/i15x_${name}_${mode}.pid"
