@@ -176,4 +176,4 @@ def test_mini_configs_load_and_train(stdlib_data, tmp_path, mode):
     assert ("fp8_amax" in train_rows[-1]) == mode.startswith("fp8")
     assert [row["iter"] for row in rows if "val_loss" in row] == [3]
     model_file = torch.load(os.path.join(out_dir, "model_last.pt"), weights_only=True)
-    assert model_file["model_args"]["vocab_size"] == 18784 and model_file["config"]["learning_rate"] == 0.01
+    assert model_file["model_args"]["vocab_size"] == 18784 and model_file["config"]["learning_rate"] == 0.006
