@@ -120,11 +120,12 @@ def table(paths):
         collapse = next((r["iter"] for r in lines if r.get("event") == "collapse"), None)
         s = e["fp8_saturated"]
         where = e["peak_at"]
-        rows.append(f"| {os.path.basename(path).rsplit('_', 1 + (c['mode'].count('_')))[0]} | {c['mode']} "
-                    f"| {c['n_layer']}x{c['n_embd']}x{c['n_head']} | {c['block_size']}x{c['batch']} | {c['lr']:g} "
-                    f"| {c['weight_decay']:g} | {c['amax_history']} | {done['iters_done']}/{c['iters']}"
-                    f"{'' if last.get('summary') else ' (unfinished)'} | {done['final_val_ppl']:.2f} | {done['best_val_ppl']:.2f} "
-                    f"| {done['act_peak']:.0f} | {where['layer']}, {where['pos']}, {where['channel']}{', ' + repr(where['token']) if 'token' in where else ''} "
+        at = f"{where['layer']}, {where['pos']}, {where['channel']}" + (f", {where['token']!r}" if "token" in where else "")
+        state = "" if last.get("summary") else " (unfinished)"
+        name = os.path.basename(path).rsplit("_", 1 + c["mode"].count("_"))[0]
+        rows.append(f"| {name} | {c['mode']} | {c['n_layer']}x{c['n_embd']}x{c['n_head']} | {c['block_size']}x{c['batch']} "
+                    f"| {c['lr']:g} | {c['weight_decay']:g} | {c['amax_history']} | {done['iters_done']}/{c['iters']}{state} "
+                    f"| {done['final_val_ppl']:.2f} | {done['best_val_ppl']:.2f} | {done['act_peak']:.0f} | {at} "
                     f"| {s['input']}/{s['weight']}/{s['grad_output']} | {collapse or '-'} | {done['wall_s'] / 60:.1f} min |")
     return "\n".join(rows)
 
