@@ -1,4 +1,5 @@
 """train.py: real DeepSpeed ZeRO-3 runs of configs/tiny.py on CPU (gloo), 1 and 2 ranks."""
+import json
 import math
 import os
 import signal
@@ -9,6 +10,7 @@ import time
 import pytest
 import torch
 
+import prepare_openwebtext as P
 from conftest import MODES, REPO, RUN, losses, metrics, train, train_cmd
 
 TRAIN_KEYS = {"iter", "loss", "tweo_loss", "lr", "tweo_lambda", "grad_norm", "act_peak", "act_max_per_layer",
@@ -177,3 +179,11 @@ def test_mini_configs_load_and_train(stdlib_data, tmp_path, mode):
     assert [row["iter"] for row in rows if "val_loss" in row] == [3]
     model_file = torch.load(os.path.join(out_dir, "model_last.pt"), weights_only=True)
     assert model_file["model_args"]["vocab_size"] == 18784 and model_file["config"]["learning_rate"] == 0.006
+    if mode == "bf16":  # sample.py decodes the compact vocabulary through the data's vocab_map.npy
+        r = subprocess.run([sys.executable, "sample.py", f"--out_dir={out_dir}", "--start=def main(", "--num_samples=1",
+                            "--max_new_tokens=8", "--print_json=True"], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        sample = json.loads(r.stdout.strip().splitlines()[-1])
+        id_map = P.load_vocab_map(stdlib_data)
+        assert len(sample["tokens"]) == 8 and max(sample["tokens"]) < len(id_map)
+        assert sample["text"] == P.gpt2_tokenizer().decode(id_map[sample["tokens"]].tolist())
