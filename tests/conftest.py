@@ -108,3 +108,14 @@ def hf_gpt2(tmp_path_factory):
     d = tmp_path_factory.mktemp("hf") / "gpt2_tiny"
     hf.save_pretrained(d)
     return str(d), hf
+
+
+
+
+@pytest.fixture(scope="session")
+def stdlib_data(tmp_path_factory):
+    """The standard library corpus with its compact vocabulary, as configs/sizes/mini.py expects it."""
+    d = tmp_path_factory.mktemp("data") / "stdlib"
+    subprocess.run([sys.executable, "prepare_openwebtext.py", "--stdlib", "--compact_vocab", f"--out_dir={d}",
+                    "--num_proc=1"], cwd=REPO, check=True, capture_output=True)
+    return str(d)

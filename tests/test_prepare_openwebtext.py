@@ -143,3 +143,47 @@ def test_a_record_of_the_wrong_type_is_named_by_file_record_and_field(tmp_path, 
     r = prepare("--input", str(f), f"--out_dir={tmp_path}/out")
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: {f}: {message}"]
     assert not (tmp_path / "out").exists()
+
+
+def test_compact_vocabulary_remaps_to_dense_ids_and_back(tmp_path):
+    paths = [str(tmp_path / "a.bin"), str(tmp_path / "b.bin")]
+    original = [np.array([50256, 7, 300, 7, 50256], dtype=np.uint16), np.array([300, 12, 50256], dtype=np.uint16)]
+    for p, a in zip(paths, original):
+        a.tofile(p)
+    id_map = P.compact_vocabulary(paths)
+    assert id_map.tolist() == [7, 12, 300, 50256]
+    compact = [np.fromfile(p, dtype=np.uint16) for p in paths]
+    assert compact[0].tolist() == [3, 0, 2, 0, 3] and compact[1].tolist() == [2, 1, 3]
+    assert all((id_map[c] == a).all() for c, a in zip(compact, original))
+
+
+def test_stdlib_corpus_with_a_compact_vocabulary_round_trips(tmp_path):
+    out = tmp_path / "stdlib"
+    r = prepare("--stdlib", "--compact_vocab", f"--out_dir={out}", "--num_proc=1")
+    assert r.returncode == 0, r.stderr
+    meta = json.load(open(out / "meta.json"))
+    root, files = P.stdlib_files()
+    assert meta["source"] == P.stdlib_source() and meta["stdlib"]["root"] == root
+    kept = meta["stdlib"]["files"]
+    assert kept == sorted(kept) and set(kept) <= set(files) and len(kept) > 0.95 * len(files)
+    assert not any(f.startswith(("test/", "site-packages/")) for f in kept)
+    assert meta["train"]["documents"] + meta["val"]["documents"] == len(kept)
+    assert meta["train"]["tokens"] > 4_000_000  # ~40x the demo corpus
+    id_map = P.load_vocab_map(str(out))
+    assert meta["vocab_size"] == len(id_map) and meta["vocab_map"]["model_vocab_size"] % 16 == 0
+    assert meta["vocab_map"]["sha256"] == P._sha256_file(str(out / P.VOCAB_MAP))
+    assert id_map[meta["eot_token"]] == P.EOT and (np.diff(id_map.astype(int)) > 0).all()
+    enc = P.gpt2_tokenizer()
+    texts = []
+    for split in ("train", "val"):
+        ids = np.fromfile(out / f"{split}.bin", dtype=np.uint16)
+        assert ids.max() < len(id_map) and meta[split]["sha256"] == P._sha256_file(str(out / f"{split}.bin"))
+        gpt2 = id_map[ids]
+        cuts = np.flatnonzero(gpt2 == P.EOT)
+        texts += [enc.decode(gpt2[s:e].tolist()) for s, e in zip(np.concatenate([[0], cuts[:-1] + 1]), cuts)]
+    originals = [open(os.path.join(root, f), encoding="utf-8").read().strip() for f in kept]
+    assert sorted(texts) == sorted(originals)
+    r = prepare("--stdlib", f"--out_dir={out}")  # the same corpus without the compact vocabulary is other data
+    assert r.returncode == 1 and "already holds other data" in r.stderr
+    r = prepare("--stdlib", "--compact_vocab", f"--out_dir={out}")
+    assert r.returncode == 0 and "nothing to do" in r.stdout

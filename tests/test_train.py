@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+import prepare_openwebtext as P
 from conftest import MODES, REPO, RUN, losses, metrics, train, train_cmd
 
 TRAIN_KEYS = {"iter", "loss", "tweo_loss", "lr", "tweo_lambda", "grad_norm", "act_peak", "act_max_per_layer",
@@ -442,3 +443,31 @@ def test_fp8_shape_rules_are_checked_before_any_work(demo_data, tmp_path):
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.stderr
         assert not out_dir.exists()
+
+
+@pytest.mark.parametrize("mode", ["bf16", "bf16_tweo", "fp8", "fp8_tweo"])
+def test_mini_configs_load_and_train(stdlib_data, tmp_path, mode):
+    out_dir = str(tmp_path / mode)
+    r = subprocess.run([sys.executable, "train.py", f"configs/mini_{mode}.py", f"--data_dir={stdlib_data}",
+                        f"--out_dir={out_dir}", "--max_iters=3", "--eval_interval=3", "--eval_iters=1",
+                        "--log_interval=1", "--ckpt_interval=3", "--act_stats_interval=3"],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = metrics(out_dir)
+    train_rows = [row for row in rows if "loss" in row]
+    assert [row["iter"] for row in train_rows] == [1, 2, 3]
+    assert abs(train_rows[0]["loss"] - math.log(18779)) < 0.6  # about uniform over the compact vocabulary, not 50304
+    assert len(train_rows[0]["act_max_per_layer"]) == 8
+    assert (train_rows[-1]["tweo_loss"] > 0) == mode.endswith("tweo")
+    assert ("fp8_amax" in train_rows[-1]) == mode.startswith("fp8")
+    assert [row["iter"] for row in rows if "val_loss" in row] == [3]
+    model_file = torch.load(os.path.join(out_dir, "model_last.pt"), weights_only=True)
+    assert model_file["model_args"]["vocab_size"] == 18784 and model_file["config"]["learning_rate"] == 0.006
+    if mode == "bf16":  # sample.py decodes the compact vocabulary through the data's vocab_map.npy
+        r = subprocess.run([sys.executable, "sample.py", f"--out_dir={out_dir}", "--start=def main(", "--num_samples=1",
+                            "--max_new_tokens=8", "--print_json=True"], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        sample = json.loads(r.stdout.strip().splitlines()[-1])
+        id_map = P.load_vocab_map(stdlib_data)
+        assert len(sample["tokens"]) == 8 and max(sample["tokens"]) < len(id_map)
+        assert sample["text"] == P.gpt2_tokenizer().decode(id_map[sample["tokens"]].tolist())
