@@ -184,6 +184,6 @@ def test_stdlib_corpus_with_a_compact_vocabulary_round_trips(tmp_path):
     originals = [open(os.path.join(root, f), encoding="utf-8").read().strip() for f in kept]
     assert sorted(texts) == sorted(originals)
     r = prepare("--stdlib", f"--out_dir={out}")  # the same corpus without the compact vocabulary is other data
-    assert r.returncode == 1 and "already holds other data" in r.stderr
+    assert r.returncode == 2 and "already holds other data" in r.stderr
     r = prepare("--stdlib", "--compact_vocab", f"--out_dir={out}")
     assert r.returncode == 0 and "nothing to do" in r.stdout
