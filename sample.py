@@ -72,7 +72,8 @@ except (CheckpointError, RuntimeError) as e:  # RuntimeError: no tokenizer
 id_map = load_vocab_map((info.get("config") or {}).get("data_dir", ""))  # data made with --compact_vocab
 n_vocab = enc.n_vocab if id_map is None else len(id_map)
 if model.config.vocab_size < n_vocab:
-    fail(f"the model's vocabulary ({model.config.vocab_size}) is smaller than its data's ({n_vocab})")
+    fail(f"the model's vocabulary ({model.config.vocab_size}) is smaller than "
+         f"{'GPT-2' if id_map is None else 'its compact data vocabulary'}'s ({n_vocab})")
 if info["trained_in_fp8"]:
     print("note: trained in FP8, sampling in BF16", file=sys.stderr)
 
