@@ -274,8 +274,8 @@ class _FP8State:
     with the module: scale[3], amax_history[H, 3] (row 0 newest), the amax seen since the
     last update (amax_pending[3]) and saturation counters since the last telemetry read."""
 
-    def _init_fp8_state(self, recipe, history_len, compute_algo):
-        self.recipe, self.compute_algo = recipe, compute_algo
+    def _init_fp8_state(self, recipe, history_len, compute_algo, gemm):
+        self.recipe, self.compute_algo, self.fp8_gemm = recipe, compute_algo, gemm
         self.register_buffer("fp8_scale", torch.ones(3))
         self.register_buffer("fp8_amax_history", torch.zeros(history_len, 3))
         self.register_buffer("fp8_amax_pending", torch.zeros(3))
@@ -318,8 +318,7 @@ class FP8Linear(_FP8State, Linear):
     def __init__(self, in_features, out_features, bias=True, init_std=0.02, *, recipe, history_len, compute_algo,
                  gemm=EmulatedGemm):
         super().__init__(in_features, out_features, bias=bias, init_std=init_std)
-        self._init_fp8_state(recipe, history_len, compute_algo)
-        self.fp8_gemm = gemm
+        self._init_fp8_state(recipe, history_len, compute_algo, gemm)
 
     def forward(self, x):
         return _FP8LinearFunction.apply(x, self.weight, self.bias, self, self.training and torch.is_grad_enabled(),
@@ -332,8 +331,7 @@ class FP8LayerNormLinear(_FP8State, LayerNormLinear):
     def __init__(self, in_features, out_features, bias=True, init_std=0.02, *, recipe, history_len, compute_algo,
                  gemm=EmulatedGemm):
         super().__init__(in_features, out_features, bias=bias, init_std=init_std)
-        self._init_fp8_state(recipe, history_len, compute_algo)
-        self.fp8_gemm = gemm
+        self._init_fp8_state(recipe, history_len, compute_algo, gemm)
 
     def forward(self, x):
         return _FP8LinearFunction.apply(self.layer_norm(x), self.weight, self.bias, self,

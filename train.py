@@ -207,8 +207,9 @@ if init_from not in ("scratch", "resume"):  # a Hugging Face GPT-2 directory: it
         die(str(e))
     n_layer, n_head, n_embd, bias = (hf_args[k] for k in ("n_layer", "n_head", "n_embd", "bias"))
     config.update(n_layer=n_layer, n_head=n_head, n_embd=n_embd, bias=bias)
-if precision == "fp8" and fp8_shape_error(n_embd, vocab_size, micro_batch_size * block_size, fp8_backend):
-    die(fp8_shape_error(n_embd, vocab_size, micro_batch_size * block_size, fp8_backend))
+fp8_shape_problem = precision == "fp8" and fp8_shape_error(n_embd, vocab_size, micro_batch_size * block_size, fp8_backend)
+if fp8_shape_problem:
+    die(fp8_shape_problem)
 try:
     train_data = D.open_split(data_dir, "train", block_size, vocab_size)
     val_data = D.open_split(data_dir, "val", block_size, vocab_size)
