@@ -6,7 +6,6 @@ into out/demo_figures. A finished run is skipped on rerun; an interrupted one re
 
     python bench/demo.py [--max_iters=150]
 """
-import json
 import os
 import subprocess
 import sys
@@ -15,7 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from bench.plots import main as plots  # noqa: E402
-from bench.runs import summarize  # noqa: E402
+from bench.runs import summarize, train_flags  # noqa: E402
 from bench.table2 import main as table2  # noqa: E402
 from bench.table10 import main as table10  # noqa: E402
 
@@ -23,14 +22,6 @@ MODES = {"bf16": ["--precision=bf16"],
          "fp8": ["--precision=fp8", "--fp8_backend=emulated"],
          "fp8_tweo": ["--precision=fp8", "--fp8_backend=emulated", "--tweo_lambda=0.01"]}
 FIGURES = os.path.join("out", "demo_figures")
-
-
-def last_iter(out_dir):
-    path = os.path.join(out_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return 0
-    with open(path) as f:
-        return max((json.loads(line).get("iter", 0) for line in f), default=0)
 
 
 def main(argv):
@@ -42,12 +33,10 @@ def main(argv):
     for mode, flags in MODES.items():
         out_dir = os.path.join("out", f"demo_{mode}")
         dirs.append(out_dir)
-        done = last_iter(out_dir)
-        if os.path.exists(os.path.join(out_dir, "model_last.pt")) and done >= max_iters:
+        resume = train_flags(out_dir, max_iters)
+        if resume is None:
             print(f"== {mode}: already trained ({out_dir}), skipping")
             continue
-        # an unfinished run continues from its last checkpoint (from the start if it has none)
-        resume = ["--init_from=resume"] if os.path.exists(os.path.join(out_dir, "run.json")) else []
         print(f"== {mode}: training configs/tiny.py for {max_iters} iterations -> {out_dir}" + (" (resuming)" if resume else ""),
               flush=True)
         cmd = [sys.executable, "train.py", "configs/tiny.py", f"--out_dir={out_dir}", *flags, *schedule, *resume]

@@ -43,6 +43,19 @@ def read_run(out_dir):
     return run, rows
 
 
+def train_flags(out_dir, max_iters):
+    """None if out_dir holds a run trained to max_iters; else the train.py flags that continue it:
+    from its last checkpoint if it has begun, from scratch if not. What demo.py and mini.py rerun."""
+    metrics = os.path.join(out_dir, "metrics.jsonl")
+    done = 0
+    if os.path.exists(metrics):
+        with open(metrics) as f:
+            done = max((json.loads(line).get("iter", 0) for line in f if line.strip()), default=0)
+    if os.path.exists(os.path.join(out_dir, "model_last.pt")) and done >= max_iters:
+        return None
+    return ["--init_from=resume"] if os.path.exists(os.path.join(out_dir, "run.json")) else []
+
+
 def latest_by_iter(rows):
     """rows sorted by iter, a later line replacing an earlier one of the same iter (resume)."""
     return sorted({r["iter"]: r for r in rows}.values(), key=lambda r: r["iter"])
@@ -138,6 +151,8 @@ def summarize(out_dir):
         "ppl": math.exp(min(reported["val_loss"], 700)) if reported else None,
         "ppl_iter": reported["iter"] if reported else None,
         "peak": max((r["act_peak"] for r in train), default=None),
+        # the supplementary's "Final": the largest |block output| at the last logged iteration
+        "final_act": max(train[-1]["act_max_per_layer"]) if train and "act_max_per_layer" in train[-1] else None,
         "s_per_iter": s_per_iter, "iters_timed": iters_timed,
         "iter_per_hour": 3600 / s_per_iter if s_per_iter else None,
         "tokens_per_sec": config["total_batch_tokens"] / s_per_iter if s_per_iter else None,

@@ -1,0 +1,142 @@
+"""
+Table 2 of the TWEO paper in miniature, on CPU: the 4M-parameter configs/mini_*.py trained
+through train.py (DeepSpeed ZeRO-3, emulated FP8) in its four modes, the two invasive baselines of
+Table 2 (attention bias, clipped softmax) in FP8 and BF16, and the supplementary's τ and p
+ablations (in BF16, as the paper's GPT-2 ablation). Prints Table 2 (bench/table2.py) and
+supplementary Tables 2 and 3 (bench/ablation.py), and draws the figures (bench/plots.py) of the
+four modes into out/mini_figures. A finished run is skipped on rerun, an interrupted one resumes
+from its last checkpoint. Results and their commands: results/mini.md.
+
+    python prepare_openwebtext.py --stdlib --compact_vocab
+    python bench/mini.py [--only=modes,invasive,ablations] [--parallel=2] [--train=False] [--figures=True]
+                         [--runs_dir=out] [--data_dir=data/stdlib] [--max_iters=600]
+
+--parallel=N trains N runs at once, each with its share of the cores and its output in
+<runs_dir>/mini_logs/<run>.log (small models use two single-threaded runs better than one
+two-threaded one). --train=False only prints the tables of the runs that exist. --max_iters
+shortens or lengthens every run (and its learning-rate schedule).
+"""
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from bench.ablation import main as ablation  # noqa: E402
+from bench.plots import main as plots  # noqa: E402
+from bench.runs import train_flags  # noqa: E402
+from bench.table2 import main as table2  # noqa: E402
+from configurator import configure_or_exit  # noqa: E402
+
+# the seed's clipped-softmax setting for BERT (gamma = -0.025, zeta = 1): alpha = 6.4 at block_size 256
+CLIPPED_SOFTMAX = ["--clipped_softmax_gamma=-0.025"]
+# run name -> (group, config, flags); the run's out_dir is out/<name>
+RUNS = {
+    "mini_bf16": ("modes", "mini_bf16", []),
+    "mini_fp8": ("modes", "mini_fp8", []),
+    "mini_bf16_tweo": ("modes", "mini_bf16_tweo", []),
+    "mini_fp8_tweo": ("modes", "mini_fp8_tweo", []),
+    "mini_fp8_attn_bias": ("invasive", "mini_fp8", ["--attn_bias=True"]),
+    "mini_bf16_attn_bias": ("invasive", "mini_bf16", ["--attn_bias=True"]),
+    "mini_fp8_clipped_softmax": ("invasive", "mini_fp8", CLIPPED_SOFTMAX),
+    "mini_bf16_clipped_softmax": ("invasive", "mini_bf16", CLIPPED_SOFTMAX),
+    **{f"mini_bf16_tweo_tau{tau:g}": ("ablations", "mini_bf16_tweo", [f"--tweo_tau={tau}"]) for tau in (1.0, 5.0)},
+    **{f"mini_bf16_tweo_p{p:g}": ("ablations", "mini_bf16_tweo", [f"--tweo_p={p}"]) for p in (2.0, 3.0, 5.0)},
+}
+GROUPS = ("modes", "invasive", "ablations")
+DEFAULTS = {"only": ",".join(GROUPS), "parallel": 1, "train": True, "figures": True, "runs_dir": "out",
+            "data_dir": os.path.join("data", "stdlib"), "max_iters": 600}  # 600: configs/sizes/mini.py
+
+
+def repo_path(path):
+    """path as train.py (run from the repository) should see it: relative inside the repository, so
+    that run.json records the same data_dir as a plain `python train.py configs/mini_bf16.py`."""
+    path = os.path.abspath(path)
+    return os.path.relpath(path, REPO) if path.startswith(REPO + os.sep) else path
+
+
+def command(name, opts):
+    """The train.py command that trains or resumes run `name`; None if it is finished."""
+    _, config, flags = RUNS[name]
+    out_dir = os.path.join(opts["runs_dir"], name)
+    resume = train_flags(out_dir, opts["max_iters"])
+    if resume is None:
+        return None
+    return [sys.executable, "train.py", f"configs/{config}.py", f"--out_dir={repo_path(out_dir)}",
+            f"--data_dir={repo_path(opts['data_dir'])}", f"--max_iters={opts['max_iters']}",
+            f"--lr_decay_iters={opts['max_iters']}", f"--wandb_run_name={name}", *flags, *resume]
+
+
+def train(names, opts):
+    """Train every unfinished run, opts['parallel'] at a time; the names of those that failed."""
+    parallel, logs = opts["parallel"], os.path.join(opts["runs_dir"], "mini_logs")
+    todo = [(n, command(n, opts)) for n in names]
+    for n, cmd in todo:
+        if cmd is None:
+            print(f"== {n}: already trained ({os.path.join(opts['runs_dir'], n)}), skipping")
+    todo = [(n, cmd) for n, cmd in todo if cmd is not None]
+    env = dict(os.environ)
+    if parallel > 1:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
+        os.makedirs(logs, exist_ok=True)
+    running, failed = [], []
+    while todo or running:
+        while todo and len(running) < parallel:
+            n, cmd = todo.pop(0)
+            log = open(os.path.join(logs, f"{n}.log"), "a") if parallel > 1 else None
+            print(f"== {n}: {' '.join(cmd[1:])}" + (f"  (output: {logs}/{n}.log)" if log else ""), flush=True)
+            running.append((n, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=log), log, time.time()))
+        time.sleep(1)
+        for job in [j for j in running if j[1].poll() is not None]:
+            n, proc, log, start = job
+            running.remove(job)
+            if log:
+                log.close()
+            print(f"== {n}: {'finished' if proc.returncode == 0 else f'FAILED (exit {proc.returncode})'} "
+                  f"after {(time.time() - start) / 60:.1f} min", flush=True)
+            if proc.returncode != 0:
+                failed.append(n)
+    return failed
+
+
+def main(argv):
+    opts = configure_or_exit(DEFAULTS, argv)
+    groups = [g for g in opts["only"].split(",") if g]
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown or not groups:
+        print(f"error: --only takes a comma-separated subset of {','.join(GROUPS)}, not '{opts['only']}'", file=sys.stderr)
+        sys.exit(2)
+    for key in ("parallel", "max_iters"):
+        if opts[key] < 1:
+            print(f"error: --{key} must be at least 1, not {opts[key]}", file=sys.stderr)
+            sys.exit(2)
+    if opts["train"] and not os.path.exists(os.path.join(opts["data_dir"], "meta.json")):
+        print(f"error: {opts['data_dir']}/meta.json not found; prepare the corpus first: "
+              f"python prepare_openwebtext.py --stdlib --compact_vocab", file=sys.stderr)
+        sys.exit(2)
+    names = [n for n, (g, _, _) in RUNS.items() if g in groups]
+    failed = train(names, opts) if opts["train"] else []
+    runs_dir = opts["runs_dir"]
+    present = [n for n in names if os.path.exists(os.path.join(runs_dir, n, "metrics.jsonl"))]
+    table_runs = [os.path.join(runs_dir, n) for n in present if RUNS[n][0] in ("modes", "invasive")]
+    if table_runs:
+        print("\n== Table 2, in miniature: python bench/table2.py " + " ".join(table_runs))
+        table2(table_runs)
+    ablation_runs = [os.path.join(runs_dir, n) for n in present if n in ("mini_bf16", "mini_bf16_tweo") or RUNS[n][0] == "ablations"]
+    if "ablations" in groups and ablation_runs:
+        print("\n== Supplementary Tables 2 and 3, in miniature: python bench/ablation.py " + " ".join(ablation_runs))
+        ablation(ablation_runs)
+    modes = [os.path.join(runs_dir, n) for n, (g, _, _) in RUNS.items() if g == "modes"]
+    figures = os.path.join(runs_dir, "mini_figures")
+    if opts["figures"] and all(os.path.exists(os.path.join(d, "model_last.pt")) for d in modes):
+        print(f"\n== Figures 2-5 and the loss curves: python bench/plots.py {' '.join(modes)} --out={figures} --overwrite")
+        plots([*modes, f"--out={figures}", "--overwrite"])  # drawn again from the runs, which are kept
+    if failed:
+        print(f"error: training failed for {', '.join(failed)}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
