@@ -8,9 +8,11 @@ four modes into out/mini_figures. A finished run is skipped on rerun, an interru
 from its last checkpoint. Results and their commands: results/mini.md.
 
     python prepare_openwebtext.py --stdlib --compact_vocab
-    python bench/mini.py [--only=modes,invasive,ablations] [--parallel=2] [--train=False] [--figures=True]
+    python bench/mini.py [--only=modes,invasive,ablations,probes] [--parallel=2] [--train=False] [--figures=True]
                          [--runs_dir=out] [--data_dir=data/stdlib] [--max_iters=600]
 
+--only picks the groups to train (default: the first three, the paper's tables; `probes` adds
+other seeds and a 1-step amax history); the tables hold every run already in runs_dir.
 --parallel=N trains N runs at once, each with its share of the cores and its output in
 <runs_dir>/mini_logs/<run>.log (small models use two single-threaded runs better than one
 two-threaded one). --train=False only prints the tables of the runs that exist. --max_iters
@@ -44,9 +46,13 @@ RUNS = {
     "mini_bf16_clipped_softmax": ("invasive", "mini_bf16", CLIPPED_SOFTMAX),
     **{f"mini_bf16_tweo_tau{tau:g}": ("ablations", "mini_bf16_tweo", [f"--tweo_tau={tau}"]) for tau in (1.0, 5.0)},
     **{f"mini_bf16_tweo_p{p:g}": ("ablations", "mini_bf16_tweo", [f"--tweo_p={p}"]) for p in (2.0, 3.0, 5.0)},
+    # not part of the paper's tables, and not run unless asked for (--only=probes): is BF16 vs naive
+    # FP8 the same with other seeds, and does a 1-step amax history (a sensitivity probe only) fail?
+    **{f"mini_{mode}_seed{seed}": ("probes", f"mini_{mode}", [f"--seed={seed}"]) for seed in (2, 3) for mode in ("bf16", "fp8")},
+    "mini_fp8_amax_history1": ("probes", "mini_fp8", ["--fp8_amax_history_len=1"]),
 }
-GROUPS = ("modes", "invasive", "ablations")
-DEFAULTS = {"only": ",".join(GROUPS), "parallel": 1, "train": True, "figures": True, "runs_dir": "out",
+GROUPS = ("modes", "invasive", "ablations", "probes")
+DEFAULTS = {"only": "modes,invasive,ablations", "parallel": 1, "train": True, "figures": True, "runs_dir": "out",
             "data_dir": os.path.join("data", "stdlib"), "max_iters": 600}  # 600: configs/sizes/mini.py
 
 
@@ -118,16 +124,24 @@ def main(argv):
         sys.exit(2)
     names = [n for n, (g, _, _) in RUNS.items() if g in groups]
     failed = train(names, opts) if opts["train"] else []
-    runs_dir = opts["runs_dir"]
-    present = [n for n in names if os.path.exists(os.path.join(runs_dir, n, "metrics.jsonl"))]
-    table_runs = [os.path.join(runs_dir, n) for n in present if RUNS[n][0] in ("modes", "invasive")]
+    runs_dir = opts["runs_dir"]  # the tables hold every run there is, whichever groups this call trained
+    present = {n: os.path.join(runs_dir, n) for n in RUNS if os.path.exists(os.path.join(runs_dir, n, "metrics.jsonl"))}
+    table_runs = [d for n, d in present.items() if RUNS[n][0] in ("modes", "invasive")]
     if table_runs:
         print("\n== Table 2, in miniature: python bench/table2.py " + " ".join(table_runs))
         table2(table_runs)
-    ablation_runs = [os.path.join(runs_dir, n) for n in present if n in ("mini_bf16", "mini_bf16_tweo") or RUNS[n][0] == "ablations"]
-    if "ablations" in groups and ablation_runs:
+    ablation_runs = [d for n, d in present.items() if n in ("mini_bf16", "mini_bf16_tweo") or RUNS[n][0] == "ablations"]
+    if any(RUNS[n][0] == "ablations" for n in present):
         print("\n== Supplementary Tables 2 and 3, in miniature: python bench/ablation.py " + " ".join(ablation_runs))
         ablation(ablation_runs)
+    seeds = [d for n, d in present.items() if n in ("mini_bf16", "mini_fp8") or "_seed" in n]
+    if any("_seed" in n for n in present):
+        print("\n== Probe: BF16 and naive FP8 with other seeds: python bench/table2.py " + " ".join(seeds))
+        table2(seeds)
+    if "mini_fp8_amax_history1" in present and "mini_bf16" in present:
+        probe = [present["mini_bf16"], present["mini_fp8_amax_history1"]]
+        print("\n== Probe: naive FP8 with amax_history_len=1 (FP8 column) against BF16: python bench/table2.py " + " ".join(probe))
+        table2(probe)
     modes = [os.path.join(runs_dir, n) for n, (g, _, _) in RUNS.items() if g == "modes"]
     figures = os.path.join(runs_dir, "mini_figures")
     if opts["figures"] and all(os.path.exists(os.path.join(d, "model_last.pt")) for d in modes):
