@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 from model import GPT, GPTConfig
-from precision import (E4M3, E5M2, EmulatedGemm, FP8Linear, LayerNormLinear, SaturationCounter, ScaledMMGemm, amax_of,
+from precision import (E4M3, E5M2, EmulatedGemm, FP8LayerNormLinear, FP8Linear, LayerNormLinear, SaturationCounter, ScaledMMGemm, amax_of,
                        choose_fp8_backend, dequantize, fp8_layers, fp8_shape_error, fp8_telemetry, make_backend,
                        quantize, scaled_mm_error, te_available, te_fp8_state, update_fp8_scales)
 
@@ -93,17 +93,98 @@ def test_the_scale_in_use_comes_from_steps_before_it():
     assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
 
 
-def test_fp8_linear_gradients_are_close_to_exact():
+# ---- one FP8 GEMM, exactly: an explicit quantize-then-matmul reference ----
+
+U32 = 2.0 ** -24  # fp32 unit roundoff
+
+
+def cast_reference(t, scale, dtype):
+    """TE's cast, written out: t * scale in fp32, clipped to the format's largest value, rounded to `dtype`."""
+    limit = {E4M3: 448.0, E5M2: 57344.0}[dtype]
+    return (t.float() * scale.float()).clamp(-limit, limit).to(dtype)
+
+
+def reference_product(a, b, a_scale, b_scale):
+    """a @ b of FP8 operands dequantized by their scales, in float64 (exact products and sums),
+    with the bound on what fp32 accumulation and fp32 scale arithmetic can add: (K + 8) u |a| @ |b|."""
+    inv = 1.0 / (a_scale.double() * b_scale.double())
+    exact = a.double() @ b.double() * inv
+    bound = (a.shape[1] + 8) * U32 * (a.double().abs() @ b.double().abs()) * inv
+    return exact, bound
+
+
+def assert_within(ours, exact, bound, bf16_out, name):
+    """ours equals the exact result up to `bound` (fp32 arithmetic) plus, for a GEMM with bf16
+    output, half a bf16 step (one rounding): a missing or wrong cast is orders of magnitude larger."""
+    slack = bound + (exact.abs() * 2.0 ** -8 if bf16_out else 0)
+    ours = ours.double()
+    err = (ours - exact).abs()
+    worst = (err / slack.clamp_min(1e-30)).max().item()
+    assert worst <= 1.0, f"{name}: error {worst:.3g} x the rounding bound"
+
+
+def fp8_linear_case(layer_cls, gemm, autocast):
+    """One training step of an FP8 layer with scales set by the delayed-scaling state so that
+    the input and the output gradient both clip a few elements, and the same step by hand."""
     torch.manual_seed(0)
-    layer = FP8Linear(64, 32, bias=True, recipe="current", history_len=16, compute_algo="max")
-    ref = torch.nn.Linear(64, 32)
-    ref.load_state_dict({k: v for k, v in layer.state_dict().items() if not k.startswith("fp8_")})
-    x1 = torch.randn(16, 64, requires_grad=True)
-    x2 = x1.detach().clone().requires_grad_()
-    layer(x1).pow(2).sum().backward()
-    ref(x2).pow(2).sum().backward()
-    for a, b in [(x1.grad, x2.grad), (layer.weight.grad, ref.weight.grad), (layer.bias.grad, ref.bias.grad)]:
-        assert ((a - b).norm() / b.norm()).item() < 0.1  # FP8-level error, not a wrong formula
+    layer = layer_cls(64, 32, bias=True, recipe="delayed", history_len=4, compute_algo="max", gemm=gemm)
+    with torch.no_grad():
+        layer.bias.normal_()
+        if hasattr(layer, "layer_norm_weight"):
+            layer.layer_norm_weight.uniform_(0.5, 2.0)
+            layer.layer_norm_bias.normal_(0.0, 0.1)
+    x = (torch.randn(2, 24, 64) * torch.logspace(-2, 1, 64)).requires_grad_()  # columns from 0.01 to 10
+    g = torch.randn(2, 24, 32) * torch.logspace(-6, -2, 32)                    # gradient-sized
+    gemm_input = layer.layer_norm(x).detach() if hasattr(layer, "layer_norm") else x.detach()
+    # the state of an earlier step: amax history below this step's input and gradient amaxes
+    layer.update_scales(torch.tensor([0.9 * gemm_input.abs().max().item(), layer.weight.abs().max().item(),
+                                      0.9 * g.abs().max().item()]))
+    scales = layer.fp8_scale.clone()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = layer(x)
+    y.backward(g.to(y.dtype))
+    return layer, x, g.to(y.dtype), gemm_input, scales, y
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+@pytest.mark.parametrize("gemm", [EmulatedGemm, ScaledMMGemm], ids=["emulated", "torch_scaled_mm"])
+@pytest.mark.parametrize("layer_cls", [FP8Linear, FP8LayerNormLinear], ids=["Linear", "LayerNormLinear"])
+def test_fp8_linear_equals_quantize_then_matmul(layer_cls, gemm, autocast):
+    """Output, dx and dw against an explicit reference: x and w cast to E4M3, the output gradient
+    to E5M2, each with its scale from the delayed-scaling state, products of the FP8 values. And
+    the negative control: each differs from the unquantized product by at least FP8's error."""
+    layer, x, g, gemm_input, scales, y = fp8_linear_case(layer_cls, gemm, autocast)
+    sx, sw, sg = scales
+    xq = cast_reference(gemm_input.reshape(-1, 64), sx, E4M3)
+    wq = cast_reference(layer.weight.detach(), sw, E4M3)
+    gq = cast_reference(g.reshape(-1, 32), sg, E5M2)
+    assert (xq.float().abs() == 448).sum() > 0 and (gq.float().abs() == 57344).sum() > 0  # both clip
+    assert y.dtype == (torch.bfloat16 if autocast else torch.float32)
+
+    bf16_out = autocast or gemm is ScaledMMGemm  # torch._scaled_mm returns bf16, its bias added in bf16
+    bias = layer.bias.detach().to(torch.bfloat16 if bf16_out else torch.float32).double()
+    out, out_bound = reference_product(xq, wq.t(), sx, sw)
+    assert_within(y.detach().reshape(-1, 32), out + bias, out_bound + bias.abs() * U32, bf16_out, "output")
+    dw, dw_bound = reference_product(gq.t(), xq, sg, sx)
+    assert_within(layer.weight.grad, dw, dw_bound, bf16_out, "dw")
+    g2 = g.double().reshape(-1, 32)  # dbias from the unquantized gradient, in fp32
+    assert ((layer.bias.grad.double() - g2.sum(0)).abs() <= (g2.shape[0] + 2) * U32 * g2.abs().sum(0)).all()
+    if layer_cls is FP8Linear:  # (through a LayerNorm, dx also carries the LayerNorm's backward)
+        dx, dx_bound = reference_product(gq, wq, sg, sw)
+        assert_within(x.grad.reshape(-1, 64), dx, dx_bound, bf16_out, "dx")
+    # the amaxes this step recorded, exactly: the tensors' own, before any scaling
+    assert layer.fp8_amax_pending.tolist() == [gemm_input.abs().max().item(), layer.weight.abs().max().item(),
+                                               g.float().abs().max().item()]
+
+    # negative control: against the same products without FP8, the error is FP8's, not bf16's
+    w, xin = layer.weight.detach().double(), gemm_input.reshape(-1, 64).double()
+    unquantized = {"output": (y.detach().reshape(-1, 32), xin @ w.t() + layer.bias.detach().double()),
+                   "dw": (layer.weight.grad, g.reshape(-1, 32).double().t() @ xin)}
+    if layer_cls is FP8Linear:
+        unquantized["dx"] = (x.grad.reshape(-1, 64), g.reshape(-1, 32).double() @ w)
+    for name, (ours, full) in unquantized.items():
+        rel = ((ours.double() - full).norm() / full.norm()).item()
+        assert 2.0 ** -7 < rel < 0.2, f"{name}: relative error {rel:.4f} against the unquantized product"
 
 
 def tiny():
