@@ -259,25 +259,59 @@ def test_backend_choice():
             make_backend(**bad)
 
 
+# Each role's unique global maximum on one rank, so that MAX (7, 2, 11) differs from SUM (10, 2.5, 16)
+# and MEAN (5, 1.25, 8); with the input scale at 200 (clipping above 2.24) rank 0 clips 2 input
+# elements and rank 1 clips 3: summed 5, any rank 1 tensor.
+LOCAL_AMAX = {0: (7.0, 0.5, 11.0), 1: (3.0, 2.0, 5.0)}
+LOCAL_CLIPPED = {0: (7.0, 6.0), 1: (3.0, 2.9, 2.8)}
+
+
 def _amax_worker(rank, port, results):
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    layer = delayed_linear(4)
-    x = torch.randn(8, 64) * (1.0 if rank == 0 else 5.0)
-    x[0, 0] = 7.0 if rank == 0 else 3.0
-    train_step(layer, x)
-    update_fp8_scales(layer)
-    results[rank] = layer.fp8_amax_history[0].tolist()
-    torch.distributed.destroy_process_group()
+    try:
+        layer = delayed_linear(4)
+        a_x, a_w, a_g = LOCAL_AMAX[rank]
+        x, g = torch.rand(8, 64), torch.rand(8, 64) - 0.5  # below every planted value
+        x.view(-1)[:len(LOCAL_CLIPPED[rank])] = torch.tensor(LOCAL_CLIPPED[rank])
+        g[3, 5] = -a_g
+        with torch.no_grad():
+            layer.weight.clamp_(-0.1, 0.1)[2, 7] = -a_w
+
+        def micro_batch():
+            layer.fp8_scale.copy_(torch.tensor([200.0, 1.0, 1.0]))
+            layer(x).backward(g)
+
+        micro_batch()
+        results[rank, "telemetry"] = fp8_telemetry(layer)
+        update_fp8_scales(layer)
+        results[rank, "history"], results[rank, "scale"] = layer.fp8_amax_history.tolist(), layer.fp8_scale.tolist()
+        micro_batch()
+        update_fp8_scales(layer)  # counts the clipped input of this micro-batch ...
+        micro_batch()             # ... and telemetry that of the one still pending
+        results[rank, "telemetry2"] = fp8_telemetry(layer)
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def test_amax_is_max_reduced_across_data_parallel_ranks():
+    """Two gloo ranks: every role's amax in the history and in telemetry is exactly the max of the
+    local ones, the saturated elements are summed, and a clipped tensor is counted once."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     results = mp.Manager().dict()
     mp.spawn(_amax_worker, args=(port, results), nprocs=2)
-    assert results[0] == results[1]
-    assert results[0][0] >= 7.0  # rank 0's outlier reached rank 1's history
+    expected = [max(a) for a in zip(*LOCAL_AMAX.values())]
+    assert expected == [7.0, 2.0, 11.0]
+    for rank in (0, 1):
+        assert results[rank, "history"][0] == expected and results[rank, "history"][1:] == [[0.0] * 3] * 3
+        assert results[rank, "scale"] == (torch.tensor([448.0, 448.0, 57344.0]) / torch.tensor(expected)).tolist()
+        tel = results[rank, "telemetry"]
+        assert list(tel["fp8_amax"][""].values()) == expected
+        assert tel["fp8_saturated"][""] == {"input": 5, "weight": 0, "grad_output": 0}
+        assert tel["fp8_saturated_total"] == 5 and tel["fp8_saturated_tensors"] == 1
+        tel2 = results[rank, "telemetry2"]
+        assert tel2["fp8_saturated_total"] == 10 and tel2["fp8_saturated_tensors"] == 2
 
 
 # ---- the fast emulation: same FP8 operands as before, same numerics as TE's kernels ----
