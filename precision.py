@@ -287,7 +287,9 @@ class _FP8State:
 
     def scale_for(self, role, amax):
         if self.recipe == "current":
-            scale = (fp8_max(ROLE_DTYPES[role]) / amax).clamp(max=torch.finfo(torch.float32).max)  # TE's value_for_inf
+            # a true fp32 division, as TE's __fdiv_rn (a Python number / tensor multiplies by the
+            # reciprocal, one ulp off); an overflow becomes fp32's maximum, TE's value_for_inf
+            scale = (amax.new_full((), fp8_max(ROLE_DTYPES[role])) / amax).clamp(max=torch.finfo(torch.float32).max)
             return torch.where((amax > 0) & torch.isfinite(amax), scale, torch.ones_like(scale))
         return self.fp8_scale[role].clone()
 

@@ -379,18 +379,69 @@ def test_amax_skips_nan_like_te():
     assert layer.fp8_scale[0].item() == pytest.approx(448.0 / layer.fp8_amax_history[:, 0].max().item())
 
 
-def test_a_zero_amax_leaves_that_role_alone_as_in_te():
-    """delayed_scaling.cu (kernel_bulk): a scale whose newest amax is 0 is not rolled and keeps its scale."""
-    layer = delayed_linear(4)
-    for _ in range(3):
-        train_step(layer, torch.randn(8, 64))
-    update_fp8_scales(layer)
-    history, scale = layer.fp8_amax_history.clone(), layer.fp8_scale.clone()
-    layer.fp8_amax_pending.copy_(torch.tensor([5.0, 0.0, 0.0]))
-    update_fp8_scales(layer)
-    assert torch.equal(layer.fp8_amax_history[:, 1:], history[:, 1:]) and torch.equal(layer.fp8_scale[1:], scale[1:])
-    assert layer.fp8_amax_history[0, 0].item() == 5.0 and torch.equal(layer.fp8_amax_history[1:, 0], history[:-1, 0])
-    assert layer.fp8_scale[0].item() == pytest.approx(448.0 / max(5.0, history[:-1, 0].max().item()))
+# ---- the scaling update: known answers from Transformer Engine's definition ----
+# transformer_engine/common/recipe/delayed_scaling.cu (kernel_bulk, after the amax reduction) and
+# recipe/__init__.py: a role whose newest amax is 0 is neither rolled nor rescaled; otherwise the
+# newest amax joins the history (TE keeps amax_history_len rows) and scale = (fp8_max / 2^margin) / a,
+# a = max over the history ('max') or the newest amax ('most_recent'); a zero or non-finite a keeps
+# the previous scale, and a scale that overflows fp32 becomes fp32's maximum. HYBRID: E4M3 (448)
+# for input and weight, E5M2 (57344) for the output gradient. Our recipe has margin 0. Our history
+# lists the newest amax first (TE's ring puts it last).
+
+F32_MAX = torch.finfo(torch.float32).max
+INF = float("inf")
+# input amax pushed at each step -> (history newest first, scale 'max', scale 'most_recent'), H = 4
+INPUT_STEPS = [
+    (2.0, [2, 0, 0, 0], 224.0, 224.0),
+    (8.0, [8, 2, 0, 0], 56.0, 56.0),
+    (1.0, [1, 8, 2, 0], 56.0, 448.0),
+    (0.0, [1, 8, 2, 0], 56.0, 448.0),            # no data: not rolled, scale kept
+    (0.5, [0.5, 1, 8, 2], 56.0, 896.0),
+    (0.5, [0.5, 0.5, 1, 8], 56.0, 896.0),
+    (0.25, [0.25, 0.5, 0.5, 1], 448.0, 1792.0),  # the 8 has left the 4-step window
+    (INF, [INF, 0.25, 0.5, 0.5], 448.0, 1792.0),  # non-finite: pushed, scale kept ...
+    (1.0, [1, INF, 0.25, 0.5], 448.0, 448.0),
+    (1.0, [1, 1, INF, 0.25], 448.0, 448.0),
+    (1.0, [1, 1, 1, INF], 448.0, 448.0),
+    (3.0, [3, 1, 1, 1], 448.0 / 3, 448.0 / 3),  # ... until it leaves the window; fp32 division
+    (1e-38, [1e-38, 3, 1, 1], 448.0 / 3, F32_MAX),  # 448 / 1e-38 overflows fp32
+]
+
+
+@pytest.mark.parametrize("algo", ["max", "most_recent"])
+def test_delayed_scaling_update_known_answers(algo):
+    torch.manual_seed(0)
+    layer = FP8Linear(16, 16, bias=False, recipe="delayed", history_len=4, compute_algo=algo)
+    grad_amax = [2.0 ** -10, 1.0, 0.0, 4.0, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]
+    grad_scale = {"max": [57344.0 * 1024, 57344.0, 57344.0] + [57344.0 / 4] * 4 + [57344.0 * 2] * 6,
+                  "most_recent": [57344.0 * 1024, 57344.0, 57344.0, 57344.0 / 4] + [57344.0 * 2] * 9}[algo]
+    for step, ((a, history, scale_max, scale_recent), g) in enumerate(zip(INPUT_STEPS, grad_amax)):
+        layer.fp8_amax_pending.copy_(torch.tensor([a, 0.25, g]))
+        update_fp8_scales(layer)
+        scale = layer.fp8_scale.tolist()
+        assert layer.fp8_amax_history[:, 0].tolist() == torch.tensor(history, dtype=torch.float32).tolist(), step
+        assert scale[0] == torch.tensor(scale_max if algo == "max" else scale_recent, dtype=torch.float32).item(), step
+        assert scale[1] == 1792.0 and scale[2] == grad_scale[step], step  # E4M3 weight, E5M2 gradient
+        assert layer.fp8_amax_pending.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_current_scaling_known_answers():
+    """Float8CurrentScaling (recipe/current_scaling.cu, compute_scale_from_amax): the scale comes
+    from the tensor's own amax, fp8_max / amax; 1 for a zero or non-finite amax; fp32's maximum
+    when the division overflows. No history or scale state moves."""
+    layer = FP8Linear(16, 16, bias=False, recipe="current", history_len=4, compute_algo="max")
+    for role, amax, expected in [(0, 2.0, 224.0), (1, 3.0, 448.0 / 3), (2, 2.0, 28672.0), (0, 0.0, 1.0),
+                                 (2, INF, 1.0), (0, 1e-38, F32_MAX), (2, 1e-38, F32_MAX)]:
+        scale = layer.scale_for(role, torch.tensor(amax))
+        assert scale.item() == torch.tensor(expected, dtype=torch.float32).item(), (role, amax)
+    backend = make_backend("fp8", "emulated", "current")
+    x = torch.randn(16, 16) * 3
+    for _ in range(2):
+        with backend.autocast(layer):
+            layer(x).float().sum().backward()
+    assert layer.fp8_scale.tolist() == [1.0] * 3 and not layer.fp8_amax_history.any()
+    sx = layer.scale_for(0, amax_of(x))
+    assert quantize(x, sx, E4M3)[0].float().abs().max().item() == 448.0  # the amax lands on the format's max
 
 
 def test_fp8_layers_return_the_autocast_dtype():
@@ -568,6 +619,41 @@ class TEMetaOracle(torch.nn.Module):
             self.fp8_meta[key].amax_history[0] = torch.tensor(amax)
             te_delayed_update(self.fp8_meta[key], maxes)
         return int(clipped)
+
+
+def test_emulated_saturated_tensors_count_what_te_counts():
+    """fp8_saturated_tensors on the emulated backend has TE's SaturationCounter's definition: the
+    (GEMM, role, micro-batch) casts whose amax times the scale they used exceeds the format's
+    maximum. A recompute (activation checkpointing) casts again: elements count twice, tensors once."""
+    layer, backend = delayed_linear(4), make_backend("fp8", "emulated")
+    gen = torch.Generator().manual_seed(0)
+    maxes = torch.tensor([448.0, 448.0, 57344.0])
+    truth = counted = elements = elements_counted = 0
+    for step in range(40):
+        x, g = torch.randn(16, 64, generator=gen), torch.randn(16, 64, generator=gen)
+        if step % 7 == 3:
+            x[0, 0] = 50 * x.abs().max()  # a new input outlier
+        if step % 11 == 5:
+            g *= 1e4                       # a gradient spike
+        g = g.bfloat16().float()  # it reaches the layer in the autocast dtype
+        with backend.autocast(layer):
+            scales = layer.fp8_scale.clone()
+            y = layer(x)
+            if step % 5 == 0:
+                y = layer(x)  # the same casts again
+        y.float().backward(g)
+        amax = torch.stack([x.abs().max(), layer.weight.abs().max(), g.abs().max()])
+        truth += int((amax * scales > maxes).sum())
+        casts = 2 if step % 5 == 0 else 1
+        elements += int(((x * scales[0]).abs() > 448).sum()) * casts
+        elements += int(((layer.weight.detach() * scales[1]).abs() > 448).sum()) * casts  # 448 / a * a can round up
+        elements += int(((g * scales[2]).abs() > 57344).sum())
+        if step % 4 == 3 or step == 39:
+            tel = fp8_telemetry(layer)
+            counted, elements_counted = counted + tel["fp8_saturated_tensors"], elements_counted + tel["fp8_saturated_total"]
+            assert (counted, elements_counted) == (truth, elements), step
+    print(f"{truth} clipped tensors, {elements} clipped elements in 40 micro-batches")
+    assert truth >= 8 and elements > truth
 
 
 def test_te_saturation_counter_matches_te_semantics():
