@@ -124,9 +124,10 @@ def assert_within(ours, exact, bound, bf16_out, name):
     assert worst <= 1.0, f"{name}: error {worst:.3g} x the rounding bound"
 
 
-def fp8_linear_case(layer_cls, gemm, autocast):
+def fp8_linear_case(layer_cls, gemm, autocast, frozen=None):
     """One training step of an FP8 layer with scales set by the delayed-scaling state so that
-    the input and the output gradient both clip a few elements, and the same step by hand."""
+    the input and the output gradient both clip a few elements (`frozen`: a parameter that does
+    not train)."""
     torch.manual_seed(0)
     layer = layer_cls(64, 32, bias=True, recipe="delayed", history_len=4, compute_algo="max", gemm=gemm)
     with torch.no_grad():
@@ -134,6 +135,8 @@ def fp8_linear_case(layer_cls, gemm, autocast):
         if hasattr(layer, "layer_norm_weight"):
             layer.layer_norm_weight.uniform_(0.5, 2.0)
             layer.layer_norm_bias.normal_(0.0, 0.1)
+    if frozen:
+        getattr(layer, frozen).requires_grad_(False)
     x = (torch.randn(2, 24, 64) * torch.logspace(-2, 1, 64)).requires_grad_()  # columns from 0.01 to 10
     g = torch.randn(2, 24, 32) * torch.logspace(-6, -2, 32)                    # gradient-sized
     gemm_input = layer.layer_norm(x).detach() if hasattr(layer, "layer_norm") else x.detach()
@@ -186,6 +189,27 @@ def test_fp8_linear_equals_quantize_then_matmul(layer_cls, gemm, autocast):
     for name, (ours, full) in unquantized.items():
         rel = ((ours.double() - full).norm() / full.norm()).item()
         assert 2.0 ** -7 < rel < 0.2, f"{name}: relative error {rel:.4f} against the unquantized product"
+
+
+def test_frozen_parameters_still_get_the_other_gradients():
+    """A frozen weight (or bias) gets no gradient and the others are the same as when it trains."""
+    grads = {}
+    for frozen in (None, "weight", "bias"):
+        layer, x, *_ = fp8_linear_case(FP8Linear, EmulatedGemm, False, frozen=frozen)
+        grads[frozen] = {"x": x.grad, "weight": layer.weight.grad, "bias": layer.bias.grad}
+    for frozen in ("weight", "bias"):
+        assert grads[frozen][frozen] is None
+        for name in {"x", "weight", "bias"} - {frozen}:
+            assert torch.equal(grads[frozen][name], grads[None][name]), (frozen, name)
+
+
+def test_fp8_state_is_a_checkpoint_format():
+    """Scales, amax histories (H x 3), pending amaxes and saturation counts are checkpointed in this
+    layout (so checkpoints load across versions and backends); the saturated-tensor telemetry is not."""
+    layer = delayed_linear(16)
+    shapes = {k: tuple(v.shape) for k, v in layer.state_dict().items() if k.startswith("fp8_")}
+    assert shapes == {"fp8_scale": (3,), "fp8_amax_history": (16, 3), "fp8_amax_pending": (3,), "fp8_saturated": (3,)}
+    assert layer.fp8_saturated_flags.shape == layer.fp8_saturated_tensors.shape == (3,)
 
 
 def tiny():
@@ -369,6 +393,8 @@ def test_amax_skips_nan_like_te():
     x = torch.tensor([1.0, float("nan"), -3.0, 2.0])
     assert amax_of(x).item() == 3.0
     assert amax_of(torch.tensor([1.0, float("inf"), float("nan")])).item() == float("inf")
+    assert amax_of(torch.tensor([0.5, float("nan"), -0.25])).item() == 0.5  # a NaN counts as nothing, not 1
+    assert amax_of(torch.tensor([-4.0, 1.0, 3.0])).item() == 4.0 and amax_of(torch.tensor([-0.0])).item() == 0.0
     layer = delayed_linear(4)
     for _ in range(2):
         train_step(layer, torch.randn(8, 64))
