@@ -430,12 +430,12 @@ def fp8_telemetry(model):
     if not layers:
         return {}
     sat = torch.stack([m.fp8_saturated for _, m in layers])
-    amax = torch.stack([torch.cat([m.fp8_amax_pending, m.fp8_saturated_flags.float()]) for _, m in layers])
+    pending = torch.stack([torch.cat([m.fp8_amax_pending, m.fp8_saturated_flags.float()]) for _, m in layers])
     if _distributed():
         torch.distributed.all_reduce(sat)
-        torch.distributed.all_reduce(amax, op=torch.distributed.ReduceOp.MAX)
-    tensors = torch.stack([m.fp8_saturated_tensors for _, m in layers]).sum() + amax[:, 3:].sum().long()
-    sat_list, amax = sat.tolist(), amax[:, :3].tolist()
+        torch.distributed.all_reduce(pending, op=torch.distributed.ReduceOp.MAX)
+    tensors = torch.stack([m.fp8_saturated_tensors for _, m in layers]).sum() + pending[:, 3:].sum().long()
+    sat_list, amax = sat.tolist(), pending[:, :3].tolist()
     for _, m in layers:
         m.fp8_saturated.zero_()
         m.fp8_saturated_flags.zero_()  # counted now (the next update must not count them again)
