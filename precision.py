@@ -280,10 +280,16 @@ class _FP8State:
         self.register_buffer("fp8_amax_history", torch.zeros(history_len, 3))
         self.register_buffer("fp8_amax_pending", torch.zeros(3))
         self.register_buffer("fp8_saturated", torch.zeros(3, dtype=torch.long))
+        # TE's comparable count (telemetry only, not checkpointed): whether a role clipped in the
+        # running micro-batch, and how many (micro-batch, role) casts clipped on any rank
+        self.register_buffer("fp8_saturated_flags", torch.zeros(3, dtype=torch.long), persistent=False)
+        self.register_buffer("fp8_saturated_tensors", torch.zeros(3, dtype=torch.long), persistent=False)
 
     def scale_for(self, role, amax):
         if self.recipe == "current":
-            scale = fp8_max(ROLE_DTYPES[role]) / amax
+            # a true fp32 division, as TE's __fdiv_rn (a Python number / tensor multiplies by the
+            # reciprocal, one ulp off); an overflow becomes fp32's maximum, TE's value_for_inf
+            scale = (amax.new_full((), fp8_max(ROLE_DTYPES[role])) / amax).clamp(max=torch.finfo(torch.float32).max)
             return torch.where((amax > 0) & torch.isfinite(amax), scale, torch.ones_like(scale))
         return self.fp8_scale[role].clone()
 
@@ -291,6 +297,7 @@ class _FP8State:
         # a running max, so a second call (activation-checkpoint recompute) changes nothing
         self.fp8_amax_pending[role] = torch.maximum(self.fp8_amax_pending[role], amax)
         self.fp8_saturated[role] += saturated
+        self.fp8_saturated_flags[role] |= saturated > 0
 
     @torch.no_grad()
     def update_scales(self, reduced_pending):
@@ -368,11 +375,7 @@ class EmulatedFP8Backend:
         forward and backward), max-reduced across data-parallel ranks in one collective;
         the FP8 GEMMs then run with activations in bf16 around them."""
         if model is not None:
-            if self.recipe == "delayed":
-                update_fp8_scales(model)
-            else:  # current scaling keeps no history: the pending amax is only telemetry
-                for _, m in fp8_layers(model):
-                    m.fp8_amax_pending.zero_()
+            update_fp8_scales(model)
         with torch.autocast(device_type=self.device_type, dtype=torch.bfloat16):
             yield
 
@@ -397,35 +400,51 @@ def _distributed():
 
 @torch.no_grad()
 def update_fp8_scales(model):
+    """Close the micro-batch just run: max-reduce its amaxes and saturation flags over the
+    data-parallel ranks in one collective, count the casts that clipped on any rank, and
+    (delayed scaling) push the amaxes and compute the next scales. Current scaling keeps no
+    history: its pending amax is only telemetry."""
     layers = [m for _, m in fp8_layers(model)]
     if not layers:
         return
-    pending = torch.stack([m.fp8_amax_pending for m in layers])
+    pending = torch.stack([torch.cat([m.fp8_amax_pending, m.fp8_saturated_flags.float()]) for m in layers])
     if _distributed():
         torch.distributed.all_reduce(pending, op=torch.distributed.ReduceOp.MAX)
     for m, p in zip(layers, pending):
-        m.update_scales(p)
+        m.fp8_saturated_tensors += p[3:].long()
+        m.fp8_saturated_flags.zero_()
+        if m.recipe == "delayed":
+            m.update_scales(p[:3])
+        else:
+            m.fp8_amax_pending.zero_()
 
 
 @torch.no_grad()
 def fp8_telemetry(model):
     """Per GEMM: the amax of each role in the micro-batch just run (max over ranks) and the
-    elements saturated since the last call (summed over ranks). Resets the saturation counters."""
+    elements saturated since the last call (summed over ranks); `fp8_saturated_tensors`, as
+    TE's SaturationCounter: the (GEMM, role, micro-batch) casts since the last call that clipped
+    on any rank, i.e. whose amax (max over ranks) times its scale exceeded the format's maximum.
+    Resets the saturation counters."""
     layers = fp8_layers(model)
     if not layers:
         return {}
     sat = torch.stack([m.fp8_saturated for _, m in layers])
-    amax = torch.stack([m.fp8_amax_pending for _, m in layers])
+    pending = torch.stack([torch.cat([m.fp8_amax_pending, m.fp8_saturated_flags.float()]) for _, m in layers])
     if _distributed():
         torch.distributed.all_reduce(sat)
-        torch.distributed.all_reduce(amax, op=torch.distributed.ReduceOp.MAX)
-    sat_list, amax = sat.tolist(), amax.tolist()
+        torch.distributed.all_reduce(pending, op=torch.distributed.ReduceOp.MAX)
+    tensors = torch.stack([m.fp8_saturated_tensors for _, m in layers]).sum() + pending[:, 3:].sum().long()
+    sat_list, amax = sat.tolist(), pending[:, :3].tolist()
     for _, m in layers:
         m.fp8_saturated.zero_()
+        m.fp8_saturated_flags.zero_()  # counted now (the next update must not count them again)
+        m.fp8_saturated_tensors.zero_()
     return {
         "fp8_amax": {n: dict(zip(ROLES, a)) for (n, _), a in zip(layers, amax)},
         "fp8_saturated": {n: dict(zip(ROLES, s)) for (n, _), s in zip(layers, sat_list)},
         "fp8_saturated_total": int(sum(map(sum, sat_list))),
+        "fp8_saturated_tensors": int(tensors),
     }
 
 
@@ -564,13 +583,14 @@ class TransformerEngineBackend:
     @torch.no_grad()
     def telemetry(self, model):
         """Newest amax per GEMM and role (TE's last history row, the micro-batch just run),
-        and `fp8_saturating`: the SaturationCounter's count since the last call."""
+        and `fp8_saturated_tensors`: the SaturationCounter's count since the last call (the
+        emulated backend's key of the same name counts the same thing)."""
         modules = te_fp8_modules(model)
         if not modules:
             return {}
         amax = {name: {role: m.fp8_meta[k].amax_history[-1, i].item() for role, (k, i) in zip(ROLES, TE_ROLE_SLOTS)}
                 for name, m in modules}
-        return {"fp8_amax": amax, "fp8_saturating": self.saturation.read(model)}
+        return {"fp8_amax": amax, "fp8_saturated_tensors": self.saturation.read(model)}
 
 
 def _without_pickled_extra_state(te_module_class):
