@@ -81,7 +81,7 @@ def train(names, opts):
     todo = [(n, command(n, opts)) for n in names]
     for n, cmd in todo:
         if cmd is None:
-            print(f"== {n}: already trained ({os.path.join(opts['runs_dir'], n)}), skipping")
+            print(f"== {n}: over ({os.path.join(opts['runs_dir'], n)} finished, or stopped by a collapse), skipping")
     todo = [(n, cmd) for n, cmd in todo if cmd is not None]
     env = dict(os.environ)
     if parallel > 1:

@@ -44,16 +44,22 @@ def read_run(out_dir):
 
 
 def train_flags(out_dir, max_iters):
-    """None if out_dir holds a run trained to max_iters; else the train.py flags that continue it:
-    from its last checkpoint if it has begun, from scratch if not. What demo.py and mini.py rerun."""
-    metrics = os.path.join(out_dir, "metrics.jsonl")
-    done = 0
-    if os.path.exists(metrics):
-        with open(metrics) as f:
-            done = max((json.loads(line).get("iter", 0) for line in f if line.strip()), default=0)
+    """None if out_dir holds a run that is over: trained to max_iters, or stopped by a collapse
+    (training is deterministic, so a rerun would collapse at the same iteration); else the
+    train.py flags that continue it: from its last checkpoint if it has begun, from scratch if
+    not. What demo.py and mini.py rerun."""
+    if not os.path.exists(os.path.join(out_dir, "run.json")):
+        return []
+    try:
+        run, rows = read_run(out_dir)
+    except RunError:
+        return ["--init_from=resume"]
+    done = max((r.get("iter", 0) for r in rows), default=0)
     if os.path.exists(os.path.join(out_dir, "model_last.pt")) and done >= max_iters:
         return None
-    return ["--init_from=resume"] if os.path.exists(os.path.join(out_dir, "run.json")) else []
+    if any(r.get("event") == "collapse" for r in rows) and run["config"].get("stop_on_collapse", True):
+        return None
+    return ["--init_from=resume"]
 
 
 def latest_by_iter(rows):

@@ -24,7 +24,7 @@ def test_the_invasive_rows_train_in_both_precisions_then_are_skipped(stdlib_data
     assert "| GPT 8L×128 attn bias * |" in table and "| GPT 8L×128 clipped softmax (γ=-0.025) * |" in table
     assert "| - |" not in table.split("\n\n")[0]  # both precisions of both rows filled: no empty PPL cell
     again = mini(*args)
-    assert again.returncode == 0 and again.stdout.count("already trained") == 4 and "train.py" not in again.stdout.split("== Table 2")[0]
+    assert again.returncode == 0 and again.stdout.count("skipping") == 4 and "train.py" not in again.stdout.split("== Table 2")[0]
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path):

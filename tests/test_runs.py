@@ -1,10 +1,11 @@
 """bench/runs.py: the one summary of a run, on hand-written logs with known answers."""
 import json
+import os
 import math
 
 import pytest
 
-from bench.runs import summarize
+from bench.runs import summarize, train_flags
 from conftest import eval_row, train_row, write_run
 
 
@@ -43,3 +44,15 @@ def test_a_resumed_run_counts_each_interval_once(tmp_path):
 def test_tweo_settings_other_than_the_papers_are_named(tmp_path):
     s = summarize(write_run(tmp_path / "t", [], tweo_lambda=0.01, tweo_tau=1.0, attn_bias=True))
     assert s["tweo"] == "+TWEO (tau=1)" and s["variant"] == "attn bias" and s["ppl"] is None
+
+
+def test_train_flags_skip_finished_and_collapsed_runs_and_resume_the_rest(tmp_path):
+    assert train_flags(str(tmp_path / "new"), 20) == []
+    finished = write_run(tmp_path / "f", [train_row(20, 1.0)])
+    assert train_flags(finished, 20) == ["--init_from=resume"]  # no model_last.pt: the final save did not happen
+    open(os.path.join(finished, "model_last.pt"), "w").close()
+    assert train_flags(finished, 20) is None and train_flags(finished, 40) == ["--init_from=resume"]
+    collapse = {"iter": 7, "event": "collapse", "loss": 30.0}
+    assert train_flags(write_run(tmp_path / "c", [train_row(5, 1.0), collapse]), 20) is None
+    assert train_flags(write_run(tmp_path / "k", [train_row(5, 1.0), collapse], stop_on_collapse=False), 20) == ["--init_from=resume"]
+    assert train_flags(write_run(tmp_path / "p", [train_row(10, 1.0)]), 20) == ["--init_from=resume"]
