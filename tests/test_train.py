@@ -85,26 +85,41 @@ def train_rows(rows):
     return {r["iter"]: r for r in rows if "loss" in r and "event" not in r}
 
 
+# (loss, grad_norm, tweo_loss) over the whole curve, relative. Measured on configs/tiny.py, 24 steps:
+# bf16 3.4e-5, 8.7e-4; fp8 9.3e-4, 4.0e-3; fp8_tweo 8.5e-4, 4.0e-3, 4.6e-2. Step 1 agrees to 2e-5 in
+# grad_norm and exactly in the loss; from step 2 on the two differ in rounding only: 2 ranks sum each
+# weight gradient in two halves (two bf16-rounded GEMM outputs, averaged by DeepSpeed), 1 rank in one.
+# Those ~2^-9 differences move a few weights across FP8 rounding boundaries, where one E4M3 step is
+# 2^-3: FP8 amplifies them about 5x. The TWEO term is a 4th power of the largest block outputs, so one
+# bf16 step (2^-7) in the peak is ~3% of it.
+CURVE_TOLERANCE = {"bf16": (1e-4, 2e-3, None), "fp8": (2e-3, 1e-2, None), "fp8_tweo": (2e-3, 1e-2, 1e-1)}
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_one_and_two_ranks_give_the_same_run(runs, one_rank, mode):
     """1 rank x 16 windows against the shared runs' 2 ranks x 8: the same windows and one forward
     pass per optimizer step in both. (The FP8 amax history advances once per forward pass: 1 rank
     x 2 micro-steps of 8 would cast its second micro-batch with scales from the first one's amax,
-    where the second rank uses step 1's initial scales; the step-1 losses then differ by ~1e-4.)"""
+    where the second rank uses step 1's initial scales: measured, step 1's loss then differs by 1.3e-5
+    and step 2's by 4e-4.)"""
     out_dir, stdout = one_rank(mode)
     one, two = train_rows(metrics(out_dir)), train_rows(metrics(runs[mode]))
     assert one.keys() == two.keys() == set(range(1, 25))
     keys = ["loss", "grad_norm"] + (["tweo_loss"] if mode == "fp8_tweo" else [])
+    step1 = {k: abs(one[1][k] / two[1][k] - 1) for k in keys}
     worst = {k: max(abs(one[i][k] / two[i][k] - 1) for i in one) for k in keys}
     val_one, val_two = ({r["iter"]: r["val_loss"] for r in metrics(d) if "val_loss" in r} for d in (out_dir, runs[mode]))
     assert val_one.keys() == val_two.keys() == {8, 16, 24}
     worst["val_loss"] = max(abs(val_one[i] / val_two[i] - 1) for i in val_one)
-    step1 = abs(one[1]["loss"] / two[1]["loss"] - 1)
-    print(f"{mode}, 1 vs 2 ranks: step-1 loss {step1:.1e}; worst relative difference over 24 steps "
-          + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
-    assert step1 < 1e-6  # the same weights and windows: only the order of the final mean differs
-    assert worst["loss"] < 1e-3 and worst["grad_norm"] < 2e-3 and worst.get("tweo_loss", 0) < 1e-3
-    # eval_windows: the same 32 val windows whether a micro-batch holds 16 windows or 8
+    print(f"{mode}, 1 vs 2 ranks, relative differences: step 1 " + ", ".join(f"{k} {v:.1e}" for k, v in step1.items())
+          + "; worst over 24 steps " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
+    # step 1: the same weights and windows; only the order of the final means differs
+    assert step1["loss"] < 1e-6 and step1["grad_norm"] < 1e-3 and step1.get("tweo_loss", 0) < 1e-5
+    loss_tol, grad_norm_tol, tweo_tol = CURVE_TOLERANCE[mode]
+    assert worst["loss"] < loss_tol and worst["grad_norm"] < grad_norm_tol
+    assert tweo_tol is None or worst["tweo_loss"] < tweo_tol
+    # eval_windows: the same 32 val windows whether a micro-batch holds 16 windows or 8 (with
+    # eval_iters x micro_batch_size they were 64 and 32 windows: 1e-2 apart at iter 8)
     assert worst["val_loss"] < 1e-3
     if mode != "bf16":  # the emulation says so, on every device
         assert "note: FP8 GEMMs are emulated (fp8_backend=emulated)" in stdout
@@ -133,6 +148,8 @@ def wandb_records(out_dir):
             if kind == 0:  # zero-filled rest of a block
                 pos += 32768 - pos % 32768
                 continue
+            if pos + 7 + length > len(data):  # cut off: the writer was killed
+                break
             chunks += data[pos + 7:pos + 7 + length]
             pos += 7 + length
             if kind in (1, 4):  # full, last
@@ -636,7 +653,8 @@ def test_activation_checkpointing_changes_nothing_and_the_optimizer_uses_the_log
     assert [checked[i]["loss"] for i in checked] == [unchecked[i]["loss"] for i in checked]
     assert [checked[i]["grad_norm"] for i in checked] == [unchecked[i]["grad_norm"] for i in checked]
     ckpt = out_dir / "ckpt"
-    assert sorted(os.listdir(ckpt)) == ["best", "best_iter_0000006", *[f"iter_{i:07d}" for i in range(1, 7)], "latest"]
+    assert sorted(d for d in os.listdir(ckpt) if os.path.isdir(ckpt / d)) == \
+        ["best_iter_0000006", *[f"iter_{i:07d}" for i in range(1, 7)]]  # ckpt_keep=0 keeps every one
     for i in range(1, 7):
         optim = torch.load(ckpt / f"iter_{i:07d}" / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)
         groups = optim["optimizer_state_dict"]["optimizer_state_dict"]["param_groups"]
@@ -740,3 +758,27 @@ def test_a_diverged_run_writes_strict_json(demo_data, tmp_path):
     (val,) = [row for row in rows if "val_loss" in row]
     assert val["val_loss"] in ("nan", "inf")
     assert [row["loss"] in ("nan", "inf") for row in rows if row.get("event") == "collapse"] == [True, True]
+
+
+def test_tweo_lowers_the_activation_peak_and_kurtosis(demo_data, tmp_path):
+    """The paper's effect end to end: the same seed, windows and schedule with lambda = 0.01 and 0.
+    At a learning rate of 3e-2 the tiny model's block outputs reach ~130 in 10 steps without TWEO
+    (~20 with it), so 12 steps separate the two by far more than run-to-run noise."""
+    import data as D
+    from model import record_activations, summarize_moments
+    val = D.open_split(demo_data, "val", 64)
+    x, y = D.get_batch(val, D.val_offsets(1337, 32, len(val), 64), 64, torch.device("cpu"))
+    peak, kurtosis = {}, {}
+    for lam in (0.0, 0.01):
+        out_dir = tmp_path / f"lambda_{lam}"
+        train(1, f"--data_dir={demo_data}", f"--out_dir={out_dir}", "--max_iters=12", "--lr_decay_iters=12",
+              "--warmup_iters=4", "--learning_rate=3e-2", "--min_lr=3e-3", "--eval_interval=12", "--log_interval=1",
+              "--act_stats_interval=0", f"--tweo_lambda={lam}")
+        peak[lam] = train_rows(metrics(out_dir))[12]["act_peak"]
+        model, _ = load_trained(str(out_dir))
+        with record_activations(model) as rec, torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+            model(x, y)
+        kurtosis[lam] = max(summarize_moments(parts)["kurtosis"] for parts in rec["block"])
+    print(f"lambda 0 -> 0.01: activation peak {peak[0.0]:.1f} -> {peak[0.01]:.1f}, "
+          f"largest block-output kurtosis on val windows {kurtosis[0.0]:.1f} -> {kurtosis[0.01]:.1f}")
+    assert peak[0.01] < peak[0.0] / 3 and kurtosis[0.01] < kurtosis[0.0] / 2
