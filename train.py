@@ -687,10 +687,10 @@ while iter_num < max_iters:
         wandb_summary(collapsed=True, collapse_iter=iter_num)
         if stop_on_collapse:
             break
-        continue
-    best_train_loss = min(best_train_loss, train_loss)
+    else:  # a collapsed iteration has no training log line; its evaluation, checkpoint and stop still come
+        best_train_loss = min(best_train_loss, train_loss)
 
-    if iter_num % log_interval == 0 or iter_num == max_iters:
+    if not collapsed and (iter_num % log_interval == 0 or iter_num == max_iters):
         layer_max = all_reduce(interval_act_max.clone(), dist.ReduceOp.MAX).tolist()
         interval_act_max.zero_()
         act_peak = max(act_peak, max(layer_max))

@@ -672,8 +672,8 @@ def test_activation_checkpointing_changes_nothing_and_the_optimizer_uses_the_log
     after_step_1 = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="iter_0000001")
     lr0 = closed_form_lr(0)
     for name in no_decay:
-        moved = (after_step_1[name] - (1.0 if name.endswith("layer_norm_weight") else 0.0)).abs()
-        assert moved.max() <= lr0 * (1 + 1e-3) and moved.median() == pytest.approx(lr0, rel=1e-3), name
+        moved = (after_step_1[name].detach() - (1.0 if name.endswith("layer_norm_weight") else 0.0)).abs()
+        assert moved.max().item() <= lr0 * (1 + 1e-3) and moved.median().item() == pytest.approx(lr0, rel=1e-3), name
 
 
 def test_activation_checkpointing_in_bf16_changes_nothing(one_rank, demo_data, tmp_path):
@@ -746,9 +746,10 @@ def test_current_scaling_cosine_tweo_and_a_finite_spike_collapse(demo_data, tmp_
 
 
 def test_a_diverged_run_writes_strict_json(demo_data, tmp_path):
-    """A learning rate of 1e30 sends every weight to 1e30 in one step: from then on the losses,
-    the val loss and the activations are not finite. metrics.jsonl stays strict JSON, with
-    "nan" and "inf" as strings."""
+    """A learning rate of 1e30 sends every weight to 1e30 in one step: from then on every loss
+    is NaN, each update is skipped (stop_on_collapse=False) and the val loss is not finite.
+    metrics.jsonl stays strict JSON, with "nan" and "inf" as strings. The last iteration
+    collapsed and still got its evaluation and final checkpoint."""
     out_dir = tmp_path / "diverged"
     train(1, f"--data_dir={demo_data}", f"--out_dir={out_dir}", "--max_iters=3", "--eval_interval=3",
           "--log_interval=1", "--learning_rate=1e30", "--min_lr=1e30", "--warmup_iters=0", "--stop_on_collapse=False")
@@ -758,6 +759,7 @@ def test_a_diverged_run_writes_strict_json(demo_data, tmp_path):
     (val,) = [row for row in rows if "val_loss" in row]
     assert val["val_loss"] in ("nan", "inf")
     assert [row["loss"] in ("nan", "inf") for row in rows if row.get("event") == "collapse"] == [True, True]
+    assert val["iter"] == 3 and (out_dir / "ckpt" / "latest").read_text() == "iter_0000003"
 
 
 def test_tweo_lowers_the_activation_peak_and_kurtosis(demo_data, tmp_path):
