@@ -73,7 +73,7 @@ zero_stage = 3
 activation_checkpointing = False
 # evaluation, logging and checkpoints
 eval_interval = 1000
-eval_iters = 200  # val windows = eval_iters * micro_batch_size, shared out over the GPUs
+eval_windows = 3200  # the fixed val windows, whatever micro_batch_size and the number of GPUs
 log_interval = 10
 act_stats_interval = 1000
 ckpt_interval = 2000
@@ -167,7 +167,7 @@ CHECKS = [
     ("tweo_schedule", *one_of("constant", "cosine")),
     ("zero_stage", *one_of(0, 1, 2, 3)),
     ("eval_interval", lambda v: v >= 1, ">= 1"),
-    ("eval_iters", lambda v: v >= 1, ">= 1"),
+    ("eval_windows", lambda v: v >= 1, ">= 1"),
     ("log_interval", lambda v: v >= 1, ">= 1"),
     ("act_stats_interval", lambda v: v >= 0, ">= 0 (0: off)"),
     ("ckpt_interval", lambda v: v >= 1, ">= 1"),
@@ -194,7 +194,7 @@ import torch  # noqa: E402
 
 import data as D  # noqa: E402
 from model import GPTConfig  # noqa: E402
-from precision import fp8_shape_error, make_backend, te_available  # noqa: E402
+from precision import fp8_shape_error, make_backend  # noqa: E402
 
 use_cuda = torch.cuda.is_available()
 ckpt_dir = os.path.join(out_dir, "ckpt")
@@ -311,8 +311,10 @@ if convert_from:
 backend = make_backend(precision, fp8_backend, fp8_recipe, fp8_amax_history_len, fp8_amax_compute_algo, device.type)
 if master and precision == "fp8" and backend.note:
     print(f"note: {backend.note}")
-if master and precision == "fp8" and backend.name == "emulated" and use_cuda:
-    print("warning: FP8 is emulated on a GPU (%s); numerics as TE, speed not" % te_available()[1])
+if master and precision == "fp8" and backend.name == "emulated":  # on every device, GPU or not
+    why = ("fp8_backend=emulated" if fp8_backend == "emulated" else "no CUDA GPU" if not use_cuda else
+           "compute capability %d.%d, below 8.9: no FP8 tensor cores" % torch.cuda.get_device_capability(device))
+    print(f"note: FP8 GEMMs are emulated ({why}): Transformer Engine's numerics, not its speed")
 
 ds_config = {
     "train_batch_size": micro_batch_size * grad_accum * world_size,
@@ -490,22 +492,34 @@ metrics_path = os.path.join(out_dir, "metrics.jsonl")
 wandb_run = None
 
 
+def json_safe(v):
+    """metrics.jsonl is strict JSON: a non-finite float is written as the string "nan",
+    "inf" or "-inf", which float() reads back."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, dict):
+        return {k: json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    return v
+
+
 def log_metrics(row):
     global wandb_run, stop_request
     if not master:
         return
     try:
         with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
     except OSError as e:  # a full disk: stop like on a signal, with a checkpoint if one still fits
         stop_request = stop_request or f"a failed write to {metrics_path} ({e.strerror})"
     if wandb_run is not None:
         try:
             flat = {k: v for k, v in row.items() if not isinstance(v, (dict, list))}
             flat.update({f"act_max/layer{i}": v for i, v in enumerate(row.get("act_max_per_layer", []))})
-            wandb_run.log(flat, step=row["iter"])
+            wandb_run.log(flat)  # plotted against `iter` (define_metric after wandb.init), never step=iter
         except Exception as e:  # wandb never stops training
-            print(f"warning: wandb.log failed ({type(e).__name__}: {e}); wandb logging off")
+            print(f"warning: wandb.log failed ({type(e).__name__}: {e}); wandb logging off", flush=True)
             wandb_run = None
 
 
@@ -588,11 +602,16 @@ if master:
             wandb_run = wandb.init(project=wandb_project, name=wandb_run_name, config=config, mode=wandb_mode,
                                    id=wandb_id, resume="allow" if wandb_id else None, dir=out_dir)
             wandb_id = wandb_run.id
+            # Every metric is plotted against `iter`, and wandb's own step just counts log calls:
+            # a resumed run redoes the iterations after its checkpoint, and wandb drops a row
+            # logged at a step at or below the last one it has, so step=iter would lose them
+            wandb_run.define_metric("iter")
+            wandb_run.define_metric("*", step_metric="iter")
         except Exception as e:
-            print(f"warning: wandb.init failed ({type(e).__name__}: {e}); logging to metrics.jsonl only")
+            print(f"warning: wandb.init failed ({type(e).__name__}: {e}); logging to metrics.jsonl only", flush=True)
             wandb_run = None
 
-val_windows = D.val_offsets(seed, eval_iters * micro_batch_size, len(val_data), block_size)
+val_windows = D.val_offsets(seed, eval_windows, len(val_data), block_size)
 flops_per_token = raw_model.flops_per_token()
 peak = peak_flops()
 
@@ -663,15 +682,15 @@ while iter_num < max_iters:
         if master:
             print(f"collapse at iter {iter_num}: loss {train_loss:.4f} ({reason}); the update was skipped"
                   + ("; stopping (stop_on_collapse)" if stop_on_collapse else "; continuing"))
-        log_metrics({"iter": iter_num, "event": "collapse", "loss": train_loss if math.isfinite(train_loss) else str(train_loss),
+        log_metrics({"iter": iter_num, "event": "collapse", "loss": train_loss,
                      "reason": reason, "skipped_steps": engine.skipped_steps})
         wandb_summary(collapsed=True, collapse_iter=iter_num)
         if stop_on_collapse:
             break
-        continue
-    best_train_loss = min(best_train_loss, train_loss)
+    else:  # a collapsed iteration has no training log line; its evaluation, checkpoint and stop still come
+        best_train_loss = min(best_train_loss, train_loss)
 
-    if iter_num % log_interval == 0 or iter_num == max_iters:
+    if not collapsed and (iter_num % log_interval == 0 or iter_num == max_iters):
         layer_max = all_reduce(interval_act_max.clone(), dist.ReduceOp.MAX).tolist()
         interval_act_max.zero_()
         act_peak = max(act_peak, max(layer_max))

@@ -31,9 +31,17 @@ def train(nproc, *args, check=True):
     return r
 
 
+def strict_json(line):
+    """json.loads that refuses the bare NaN / Infinity / -Infinity which Python writes and strict JSON readers reject."""
+    def refuse(name):
+        raise ValueError(f"not JSON: bare {name}")
+    return json.loads(line, parse_constant=refuse)
+
+
 def metrics(out_dir):
+    """The rows of a run's metrics.jsonl, which must be strict JSON."""
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+        return [strict_json(line) for line in f]
 
 
 def losses(rows):
