@@ -710,10 +710,10 @@ while iter_num < max_iters:
         log_metrics(row)
         if master:
             eta = (max_iters - iter_num) * (now - t_start) / max(1, iter_num - start_iter)
-            sat = fp8.get("fp8_saturated_total", fp8.get("fp8_saturating"))
+            sat = fp8.get("fp8_saturated_tensors")
             print(f"iter {iter_num}/{max_iters} | loss {train_loss:.4f} | tweo {tweo_value:.4g} (λ {lam:g}) | lr {lr:.2e} | "
                   f"gnorm {row['grad_norm'] or 0:.3f} | act max {max(layer_max):.2f} peak {act_peak:.2f}"
-                  + (f" | fp8 sat {sat}" if sat is not None else "")
+                  + (f" | fp8 clipped tensors {sat}" if sat is not None else "")
                   + f" | {dt * 1000:.0f} ms/it {row['iter_per_hour']:.0f} it/h {row['tokens_per_sec']:.0f} tok/s"
                   + (f" | mfu {100 * row['mfu']:.1f}%" if "mfu" in row else "")
                   + f" | {row['mem_peak_gb']:.2f} GB | ETA {eta / 3600:.0f}h{eta % 3600 / 60:02.0f}m", flush=True)
