@@ -43,3 +43,17 @@ def test_a_resumed_run_counts_each_interval_once(tmp_path):
 def test_tweo_settings_other_than_the_papers_are_named(tmp_path):
     s = summarize(write_run(tmp_path / "t", [], tweo_lambda=0.01, tweo_tau=1.0, attn_bias=True))
     assert s["tweo"] == "+TWEO (tau=1)" and s["variant"] == "attn bias" and s["ppl"] is None
+
+
+def test_mfu_is_the_median_over_log_lines_and_final_act_the_last_lines_largest_layer(tmp_path):
+    rows = [dict(train_row(5, 2.0, act_peak=9.0), mfu=0.30), dict(train_row(10, 2.0, act_peak=9.0), mfu=0.10),
+            dict(train_row(15, 2.0, act_peak=9.0), mfu=0.50), train_row(20, 2.0, act_peak=4.0)]  # the last without mfu
+    s = summarize(write_run(tmp_path / "m", rows))
+    assert s["mfu"] == pytest.approx(0.30)  # median of 0.30, 0.10, 0.50
+    s = summarize(write_run(tmp_path / "n", rows + [dict(train_row(25, 2.0), mfu=0.95)], max_iters=25))
+    assert s["mfu"] == pytest.approx((0.30 + 0.50) / 2)  # median of four; the mean would be 0.4625
+    # train_row's act_max_per_layer is [peak / 2, peak]: the last line's peak 1.0, the run's 9.0
+    assert s["final_act"] == 1.0 and s["peak"] == 9.0
+    # 1024 tokens per step (write_run's total_batch_tokens) at 2 s per iteration
+    assert s["tokens_per_sec"] == pytest.approx(512.0) and s["mfu"] is not None
+    assert summarize(write_run(tmp_path / "o", [train_row(5, 2.0)]))["mfu"] is None  # no GPU peak known: no MFU
