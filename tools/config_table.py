@@ -28,7 +28,7 @@ MEANINGS = {
     "n_head": "attention heads (n_embd must be a multiple)",
     "n_embd": "model width d_model",
     "block_size": "context length in tokens",
-    "dropout": "dropout probability (0 in the paper)",
+    "dropout": "dropout probability",
     "bias": "biases in the Linear layers (the LayerNorms always have one, as in TE)",
     "clipped_softmax_zeta": "clipped softmax stretch ζ (>= 1), with clipped_softmax_gamma",
     "max_iters": "optimizer steps of the run",
