@@ -119,8 +119,6 @@ def test_best_and_last_are_different_checkpoints_when_the_last_evaluation_is_wor
     best, last = run_eval(f"--out_dir={out_dir}", "--ckpt=best"), run_eval(f"--out_dir={out_dir}", "--ckpt=last")
     assert (best["iter"], best["ckpt"], last["iter"], last["ckpt"]) == (4, "best", 5, "last")
     assert abs(best["val_loss"] - logged[4]) < 1e-3 and abs(last["val_loss"] - logged[5]) < 1e-3
-    # the same from the DeepSpeed shards the pointers name
-    assert run_eval(f"--out_dir={out_dir}", "--ckpt=iter_0000004")["val_loss"] == pytest.approx(best["val_loss"], abs=1e-6)
 
 
 PADDED_EVAL = """
