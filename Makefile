@@ -1,14 +1,18 @@
 # Two commands on a fresh machine with Python 3.11 and pip:
 #   make demo   CPU demo of the whole pipeline: data, BF16 / FP8 / FP8+TWEO training, Tables 2 and 10,
-#               a sample, the paper's figures (out/demo_figures)
+#               a sample, the paper's figures (out/demo_ITERS/, ITERS = bench/demo.py's default, 150)
+#   make demo DEMO_ITERS=400   a longer demo of its own (out/demo_400/), beside the first
 #   make test   the test suite
 # Everything is installed into .venv; rerunning skips what is already done.
+#   make clean-demo   removes the demo runs and figures (out/demo_*)
+#   make clean        removes everything make made: .venv, the tokenizer cache (.cache), the demo
+#                     corpus (data/demo) and the demo runs; never your own runs or data/openwebtext
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEMO_ITERS ?= 150
+DEMO_ITERS ?=
 
-.PHONY: install install-dev install-fp8 demo test clean
+.PHONY: install install-dev install-fp8 demo test clean clean-demo
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,10 +43,13 @@ data/demo/meta.json: | install
 	$(BIN)/python prepare_openwebtext.py --demo
 
 demo: install data/demo/meta.json
-	$(BIN)/python bench/demo.py --max_iters=$(DEMO_ITERS)
+	$(BIN)/python bench/demo.py $(if $(DEMO_ITERS),--max_iters=$(DEMO_ITERS))
 
 test: install-dev
 	$(BIN)/python -m pytest -q tests
 
-clean:
-	rm -rf $(VENV) .cache out/demo_*
+clean-demo:
+	rm -rf out/demo_*
+
+clean: clean-demo
+	rm -rf $(VENV) .cache data/demo

@@ -125,3 +125,30 @@ def configure_or_exit(defaults, argv):
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def declared_keys(path):
+    """The config keys a script declares as globals between its first two `# ---` rule lines
+    (train.py's block of defaults), read without running it: a list of (section, key,
+    default as written, the comment on its line or ''), section being the last comment line
+    above the key. For the README's table of keys (tools/config_table.py)."""
+    import io
+    import tokenize
+    with open(path) as f:
+        source = f.read()
+    lines = source.splitlines()
+    rules = [i for i, line in enumerate(lines) if line.startswith("# ---")][:2]
+    if len(rules) < 2:
+        raise ConfigError(f"{path} has no block of defaults between two '# ---' lines")
+    block = "\n".join(lines[rules[0] + 1:rules[1]]) + "\n"
+    comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(block).readline) if tok.type == tokenize.COMMENT}
+    keys, section = [], ""
+    statements = {node.lineno: node for node in ast.parse(block).body}
+    for lineno in range(1, len(block.splitlines()) + 1):
+        node = statements.get(lineno)
+        if node is None:
+            section = comments.get(lineno, section)
+        elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            keys.append((section, node.targets[0].id, ast.get_source_segment(block, node.value), comments.get(lineno, "")))
+    return keys

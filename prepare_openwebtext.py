@@ -10,7 +10,8 @@ Tokenize a corpus with the GPT-2 BPE into uint16 memmaps for train.py:
     python prepare_openwebtext.py --stdlib --compact_vocab # Python's standard library sources (~5.7M tokens), offline
     python prepare_openwebtext.py --fetch_tokenizer        # GPT-2 ranks from PyPI, for offline machines
 
-The GPT-2 tokenizer here (gpt2_tokenizer) is the one train.py, sample.py and bench/eval.py use.
+The GPT-2 tokenizer here (gpt2_tokenizer) is the one sample.py uses for prompts and samples;
+train.py and bench/eval.py read the token ids written here and never tokenize.
 """
 import argparse
 import functools

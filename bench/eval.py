@@ -39,7 +39,9 @@ from precision import make_backend  # noqa: E402
 
 def evaluate(model, val_data, offsets, block_size, micro_batch_size, backend, transform=None, stats=True):
     """Val loss over the windows at `offsets` and, with stats, per-layer outlier statistics
-    of block and FFN outputs. transform: applied to the model first (e.g. a quantizer)."""
+    of block and FFN outputs. transform: model -> the model to evaluate instead (e.g. a
+    quantizer); one that returns a changed copy (as bench/ptq.py's do) leaves `model` as it
+    was, since evaluation itself changes nothing in a model, FP8 scaling state included."""
     if transform is not None:
         model = transform(model)
     device = next(model.parameters()).device

@@ -1,11 +1,16 @@
 """
 Side-by-side cost of the four modes on one model, in one process: iterations per hour and
 peak memory of BF16, BF16+TWEO, FP8 and FP8+TWEO training steps (forward, backward, AdamW),
-as ratios against BF16. This is Table 10's comparison without the DeepSpeed engine around
-it; for whole-run numbers use bench/table10.py on train.py runs.
+as ratios against BF16. This is Table 10's comparison in plain torch: one process, one
+device, torch's AdamW, no DeepSpeed engine, no ZeRO partitioning, no gradient accumulation;
+for whole-run numbers use bench/table10.py on train.py runs.
 
-    python bench/throughput.py [--json=PATH]                      # small model, CPU
+    python bench/throughput.py [--json=PATH]                      # a small model (6 x 384, block 256), CPU
     python bench/throughput.py configs/gpt2_xl_fp8.py --micro_batch_size=4 --iters=20   # on a GPU
+
+With a train.py config file the model and micro-batch are the run's: train.py's defaults
+(block_size 1024, ...) and the file on top, as train.py reads them; --key=value overrides
+any of them (e.g. --block_size=256).
 
 Peak memory counts parameters, buffers and optimizer state plus the highest point a step
 adds to them. --json=PATH also writes the results there (never over an existing file).
@@ -13,6 +18,7 @@ adds to them. --json=PATH also writes the results there (never over an existing 
 On CPU, FP8 is emulated: its numbers show the emulation's cost, not FP8's speed-up
 (that needs Transformer Engine on an FP8 GPU). TWEO's overhead is meaningful anywhere.
 """
+import ast
 import json
 import os
 import sys
@@ -22,11 +28,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from configurator import configure_or_exit  # noqa: E402
+from configurator import configure_or_exit, declared_keys  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from precision import make_backend  # noqa: E402
 
 MODES = {"bf16": ("bf16", 0.0), "bf16_tweo": ("bf16", 0.01), "fp8": ("fp8", 0.0), "fp8_tweo": ("fp8", 0.01)}
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "micro_batch_size", "activation_checkpointing")
+TRAIN_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
 
 
 def cpu_peak_bytes(fn):
@@ -98,10 +106,20 @@ def measure(cfg, mode, device):
     return {"mode": mode, "backend": backend.name, "s_per_iter": dt, "iter_per_hour": 3600 / dt, "peak_gb": peak / 2**30}
 
 
+def train_defaults():
+    """train.py's config keys and their defaults, read from its source."""
+    return {key: ast.literal_eval(default) for _, key, default, _ in declared_keys(TRAIN_PY)}
+
+
 def model_config(defaults, argv):
-    """defaults + a train.py config file (for its model size; its other keys are ignored
-    here) + --key=value overrides; a bad key is one line on stderr and exit 2."""
-    return configure_or_exit({**defaults, **{k: v for k, v in _train_keys().items() if k not in defaults}}, argv)
+    """The script's options and the model to time: the small model in `defaults`, or, given a
+    train.py config file, the run's own (train.py's defaults with the file on top; the file's
+    other keys are accepted and unused); --key=value overrides either. A bad key is one line
+    on stderr and exit 2."""
+    train = train_defaults()
+    if any(not a.startswith("--") for a in argv):
+        defaults = {**defaults, **{k: train[k] for k in MODEL_KEYS}}
+    return configure_or_exit({**train, **defaults}, argv)
 
 
 def fail(msg):
@@ -147,13 +165,6 @@ def main(argv):
         os.replace(cfg["json"] + ".tmp", cfg["json"])
         print(f"wrote {cfg['json']}")
     return results
-
-
-def _train_keys():
-    """Keys a train.py config may set, with placeholder values of the right type."""
-    return dict(out_dir="", data_dir="", wandb_run_name="", total_batch_tokens=0, learning_rate=0.0, min_lr=0.0,
-                precision="", tweo_lambda=0.0, max_iters=0, warmup_iters=0, lr_decay_iters=0, eval_interval=0,
-                eval_iters=0, log_interval=0, act_stats_interval=0, ckpt_interval=0, dropout=0.0)
 
 
 if __name__ == "__main__":

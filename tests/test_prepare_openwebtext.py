@@ -46,6 +46,20 @@ def test_the_tokenizer_gives_gpt2_ids():
         assert enc.decode(ids) == text
 
 
+def test_the_local_ranks_file_has_the_sha256_tiktoken_publishes():
+    import hashlib
+    import inspect
+
+    import tiktoken_ext.openai_public as openai_public
+    # the hash tiktoken itself checks its download of r50k_base (= GPT-2) against
+    published = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+    assert f'expected_hash="{published}"' in inspect.getsource(openai_public.r50k_base)
+    assert P.GPT2_RANKS_SHA256 == published
+    assert os.path.isfile(P.GPT2_RANKS_FILE), f"{P.GPT2_RANKS_FILE} missing: run `make install` first"
+    with open(P.GPT2_RANKS_FILE, "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == published
+
+
 def test_demo_corpus_round_trips(tmp_path):
     r = prepare("--demo", f"--out_dir={tmp_path}/demo")
     assert r.returncode == 0, r.stderr

@@ -1,7 +1,7 @@
 """bench/runs.py: the one summary of a run, on hand-written logs with known answers."""
 import json
-import os
 import math
+import os
 
 import pytest
 
@@ -56,3 +56,17 @@ def test_train_flags_skip_finished_and_collapsed_runs_and_resume_the_rest(tmp_pa
     assert train_flags(write_run(tmp_path / "c", [train_row(5, 1.0), collapse]), 20) is None
     assert train_flags(write_run(tmp_path / "k", [train_row(5, 1.0), collapse], stop_on_collapse=False), 20) == ["--init_from=resume"]
     assert train_flags(write_run(tmp_path / "p", [train_row(10, 1.0)]), 20) == ["--init_from=resume"]
+
+
+def test_mfu_is_the_median_over_log_lines_and_final_act_the_last_lines_largest_layer(tmp_path):
+    rows = [dict(train_row(5, 2.0, act_peak=9.0), mfu=0.30), dict(train_row(10, 2.0, act_peak=9.0), mfu=0.10),
+            dict(train_row(15, 2.0, act_peak=9.0), mfu=0.50), train_row(20, 2.0, act_peak=4.0)]  # the last without mfu
+    s = summarize(write_run(tmp_path / "m", rows))
+    assert s["mfu"] == pytest.approx(0.30)  # median of 0.30, 0.10, 0.50
+    s = summarize(write_run(tmp_path / "n", rows + [dict(train_row(25, 2.0), mfu=0.95)], max_iters=25))
+    assert s["mfu"] == pytest.approx((0.30 + 0.50) / 2)  # median of four; the mean would be 0.4625
+    # train_row's act_max_per_layer is [peak / 2, peak]: the last line's peak 1.0, the run's 9.0
+    assert s["final_act"] == 1.0 and s["peak"] == 9.0
+    # 1024 tokens per step (write_run's total_batch_tokens) at 2 s per iteration
+    assert s["tokens_per_sec"] == pytest.approx(512.0) and s["mfu"] is not None
+    assert summarize(write_run(tmp_path / "o", [train_row(5, 2.0)]))["mfu"] is None  # no GPU peak known: no MFU

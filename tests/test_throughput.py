@@ -38,3 +38,31 @@ def test_an_existing_json_is_never_overwritten(tmp_path):
     path.write_text("keep")
     r = run(f"--json={path}")
     assert r.returncode == 2 and "already exists" in r.stderr and r.stdout == "" and path.read_text() == "keep"
+
+
+def test_a_config_file_is_timed_at_its_runs_block_size_and_micro_batch():
+    from bench.throughput import model_config
+    small = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=50304, micro_batch_size=4,
+                 activation_checkpointing=False, iters=5)
+    shape = ("n_layer", "n_head", "n_embd", "block_size", "micro_batch_size", "activation_checkpointing")
+
+    def timed(*argv):
+        cfg = model_config(small, list(argv))
+        return tuple(cfg[k] for k in shape)
+    assert timed() == (6, 6, 384, 256, 4, False)  # no config file: the small model
+    # configs/sizes/gpt2_124m.py sets no block_size: train.py's 1024, as in a run of it
+    assert timed("configs/gpt2_124m_bf16.py") == (12, 12, 768, 1024, 16, False)
+    assert timed("configs/gpt2_3b_fp8.py", "--micro_batch_size=2") == (32, 32, 2560, 1024, 2, True)
+    assert timed("configs/gpt2_124m_bf16.py", "--block_size=256") == (12, 12, 768, 256, 16, False)
+    assert timed("configs/tiny.py") == (2, 2, 64, 64, 8, False)  # a config's own block_size
+
+
+def test_the_printed_and_written_model_is_the_configs(tmp_path):
+    config = tmp_path / "narrow.py"  # like the gpt2_* configs, no block_size of its own
+    config.write_text("n_layer = 1\nn_head = 2\nn_embd = 32\nvocab_size = 512\nmicro_batch_size = 1\nmax_iters = 7\n")
+    path = tmp_path / "t.json"
+    r = subprocess.run([sys.executable, "bench/throughput.py", str(config), "--modes=bf16", "--iters=1", "--warmup=0",
+                        "--device=cpu", f"--json={path}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0] == "model: 1 layers x 32, 1 x 1024 tokens, cpu"
+    assert json.loads(path.read_text())["model"]["block_size"] == 1024
