@@ -56,10 +56,10 @@ def evaluate(model, val_data, offsets, block_size, micro_batch_size, backend, tr
 
 # --hf=DIR: a Hugging Face GPT-2 has no run.json, so the val windows come from these
 # (train.py's defaults: seed 1337, 25 x 8 windows of the model's n_positions tokens)
-HF_RUN = dict(seed=1337, micro_batch_size=8, eval_iters=25, precision="bf16", fp8_backend="emulated",
+HF_RUN = dict(seed=1337, micro_batch_size=8, eval_windows=200, precision="bf16", fp8_backend="emulated",
               fp8_recipe="delayed", fp8_amax_history_len=16, fp8_amax_compute_algo="max")
 RUN_KEYS = ("precision", "fp8_backend", "fp8_recipe", "fp8_amax_history_len", "fp8_amax_compute_algo",
-            "micro_batch_size", "eval_iters", "data_dir", "seed")
+            "micro_batch_size", "data_dir", "seed")
 LOAD_DEFAULTS = dict(out_dir="out", hf="", ckpt="last", precision="", eval_iters=0, data_dir="", block_size=0,
                      device="cuda" if torch.cuda.is_available() else "cpu")
 LOAD_RULES = [  # (key, test(value), what the value must be), the first broken rule stops
@@ -82,7 +82,9 @@ def read_run(out_dir):
     try:
         with open(run_json) as f:
             run = json.load(f)["config"]
-        return {k: run[k] for k in RUN_KEYS}
+        # train.py's val set: eval_windows windows (runs from before that key: eval_iters x micro_batch_size)
+        return {**{k: run[k] for k in RUN_KEYS},
+                "eval_windows": run.get("eval_windows") or run["eval_iters"] * run["micro_batch_size"]}
     except OSError as e:
         fail(f"{run_json}: {e.strerror}: --out_dir must be a train.py run (or use --hf=DIR)")
     except (ValueError, KeyError, TypeError) as e:
@@ -123,13 +125,13 @@ def load(out_dir="out", hf="", ckpt="last", precision="", eval_iters=0, data_dir
     except (CheckpointError, ValueError, RuntimeError) as e:
         fail(e)
     block_size, micro = model.config.block_size, run["micro_batch_size"]
-    eval_iters = eval_iters or run["eval_iters"]
+    n_windows = eval_iters * micro if eval_iters else run["eval_windows"]
     data_dir = data_dir or run["data_dir"]
     try:
         val_data = D.open_split(data_dir, "val", block_size, info.get("hf_vocab_size", model.config.vocab_size))
     except D.DataError as e:
         fail(e)
-    offsets = D.val_offsets(run["seed"], eval_iters * micro, len(val_data), block_size)
+    offsets = D.val_offsets(run["seed"], n_windows, len(val_data), block_size)
     return SimpleNamespace(model=model, info=info, backend=backend, precision=precision, run=run, name=hf or out_dir,
                            val_data=val_data, offsets=offsets, block_size=block_size, micro_batch_size=micro,
                            data_dir=data_dir, vocab_size=info.get("hf_vocab_size", GPT2_VOCAB_SIZE))

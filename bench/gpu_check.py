@@ -81,7 +81,7 @@ def main(argv):
                        check=True, capture_output=True)
     schedule = [opts["config"], f"--data_dir={data_dir}", f"--max_iters={n}", f"--lr_decay_iters={n}",
                 f"--warmup_iters={max(1, n // 5)}", "--log_interval=1", f"--eval_interval={n}", f"--ckpt_interval={half}",
-                "--ckpt_keep=0", "--act_stats_interval=0", "--eval_iters=2", *passthrough]
+                "--ckpt_keep=0", "--act_stats_interval=0", "--eval_windows=32", *passthrough]
     results, failures = {}, []
     for mode in modes:
         run_dir, resumed = os.path.join(opts["out_dir"], mode), os.path.join(opts["out_dir"], mode + "_resumed")
