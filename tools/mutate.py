@@ -5,7 +5,7 @@ Plant one typical bug at a time in a module and count how many its test file cat
 
 Bugs: + <-> -, * <-> /, // -> *, ** -> *, % -> //; < <-> <=, > <-> >=, == <-> !=, is <-> is not,
 in <-> not in; an integer constant n -> n + 1; a float x -> 2x (0.0 -> 1.0); and <-> or; a unary
-minus or `not` dropped. Only inside the named functions (names or Class.method), else anywhere
+minus or `not` dropped. Only inside the named functions or classes (names, or Class.method), else anywhere
 in the module; f-strings (message text) are left alone. Each mutant is written over the module
 in a temporary copy of the repository (git's tracked and untracked, not ignored, files, with
 .venv, .cache and data symlinked), where `python -m pytest -x -q TEST_FILE` runs; a mutant is
@@ -27,6 +27,7 @@ OPS = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult,
 CMPS = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq, ast.NotEq: ast.Eq,
         ast.Is: ast.IsNot, ast.IsNot: ast.Is, ast.In: ast.NotIn, ast.NotIn: ast.In}
 LINKED = (".venv", ".cache", "data")
+DEFS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 
 
 def bugs(node):
@@ -59,7 +60,7 @@ def sites(tree, functions):
                 if not isinstance(child, ast.AST) or isinstance(child, ast.JoinedStr):
                     continue
                 name, here = qualname, inside
-                if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                if isinstance(child, DEFS):
                     name = f"{qualname}.{child.name}" if qualname else child.name
                     here = inside or functions is None or child.name in functions or name in functions
                 if here:
@@ -75,12 +76,13 @@ def mutants(source, functions):
         tree = ast.parse(source)  # a fresh tree each time: planting a bug edits it
         flat = ((p, f, i, c, n, b) for p, f, i, c, n in sites(tree, functions) for b in bugs(c))
         parent, field, index, child, name, bug = next(x for j, x in enumerate(flat) if j == k)
-        before = ast.unparse(child)
+        shown = parent if isinstance(parent, ast.UnaryOp) else child  # -1 -> -2, not 1 -> 2
+        before = ast.unparse(shown)
         if index is None:
             setattr(parent, field, bug)
         else:
             getattr(parent, field)[index] = bug
-        yield child.lineno, name, before, ast.unparse(bug), ast.unparse(tree)
+        yield child.lineno, name, before, ast.unparse(bug if shown is child else parent), ast.unparse(tree)
 
 
 def run_tests(repo, test_file, timeout):
@@ -113,7 +115,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     ap.add_argument("module")
     ap.add_argument("test_file")
-    ap.add_argument("--functions", help="comma-separated function names or Class.method (default: all)")
+    ap.add_argument("--functions", help="comma-separated names of functions, classes or Class.method (default: all)")
     ap.add_argument("--timeout", type=float, help="seconds per mutant (default: 3x the unmutated run + 10)")
     ap.add_argument("--list", action="store_true", help="print the mutants without running anything")
     args = ap.parse_args()
@@ -125,9 +127,9 @@ def main():
     problem = problem or (not os.path.isfile(args.test_file.split("::")[0]) and f"no test file {args.test_file}")
     source = "" if problem else open(args.module).read()
     if not problem and functions:
-        defined = {q for *_, c, q in sites(ast.parse(source), None) if isinstance(c, (ast.FunctionDef, ast.AsyncFunctionDef))}
+        defined = {q for *_, c, q in sites(ast.parse(source), None) if isinstance(c, DEFS)}
         missing = sorted(f for f in functions if f not in defined and not any(q.endswith("." + f) for q in defined))
-        problem = missing and f"{args.module} defines no function {', '.join(missing)}"
+        problem = missing and f"{args.module} defines no function or class {', '.join(missing)}"
     if problem or (args.timeout is not None and args.timeout <= 0):
         print(f"mutate.py: {problem or '--timeout must be positive'}", file=sys.stderr)
         sys.exit(2)
