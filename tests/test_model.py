@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from bench.throughput import cpu_peak_bytes
 from conftest import REPO
+from precision import fp8_layers, make_backend
 from model import GPT, GPTConfig, TWEOPenalty, activation_moments, clipped_softmax_attention, outlier_stats, record_activations, summarize_moments, tweo_penalty
 
 PAPER_SIZES = {"124m": 124e6, "medium": 355e6, "large": 774e6, "xl": 1.56e9, "3b": 2.65e9, "7b": 6.65e9}
@@ -137,11 +138,23 @@ def test_gpt2_initialisation_and_tied_head():
     assert model.transformer.h[0].mlp.c_fc.bias.abs().max().item() == 0
 
 
-def test_flops_per_token():
-    model = GPT(tiny_config())
-    cfg = model.config
-    n = model.get_num_params()
-    assert model.flops_per_token() == 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+def test_flops_per_token_of_gpt2_124m_by_hand():
+    """6N + 12 L T d (PaLM's appendix B, as nanoGPT), N the parameters that take part in a GEMM
+    or LayerNorm: the tied wte/LM head once, wpe not."""
+    cfg = runpy.run_path(os.path.join(REPO, "configs", "gpt2_124m_bf16.py"))
+    with torch.device("meta"):  # block_size and vocab_size: the defaults (train.py's and the model's)
+        model = GPT(GPTConfig(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"]))
+    c = model.config
+    assert (c.n_layer, c.n_head, c.n_embd, c.block_size, c.vocab_size) == (12, 12, 768, 1024, 50304)
+    ln = 2 * 768
+    attn = ln + (768 * 2304 + 2304) + (768 * 768 + 768)     # ln_1, QKV, out projection
+    mlp = ln + (768 * 3072 + 3072) + (3072 * 768 + 768)     # ln_2, fc, fc projection
+    assert attn + mlp == 7_087_872
+    n = 50304 * 768 + 12 * (attn + mlp) + ln                 # wte (= LM head), 12 blocks, ln_f
+    assert n == 123_689_472 == model.get_num_params()
+    attention = 12 * 12 * 1024 * 768                         # QK^T and AV: 2 x 2 T d per layer forward, x3 with backward
+    assert model.flops_per_token() == 6 * n + attention == 855_383_040
+    assert model.get_num_params(non_embedding=False) == n + 1024 * 768
 
 
 def test_generate_is_deterministic_and_respects_the_vocab_limit():
@@ -351,3 +364,183 @@ def test_hf_directories_that_do_not_fit_fail_clearly(hf_gpt2, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="neither model.safetensors nor pytorch_model.bin"):
         load_hf(str(tmp_path))
+
+
+# ---- causality, the task loss, the TWEO term in the model, and Hugging Face as an oracle ----
+
+ATTENTION_PATHS = {"sdpa": {}, "attn_bias": dict(attn_bias=True), "clipped_softmax": dict(clipped_softmax_gamma=-0.05),
+                   "clipped_softmax_zeta": dict(clipped_softmax_gamma=-0.05, clipped_softmax_zeta=1.1),
+                   "attn_bias_clipped": dict(attn_bias=True, clipped_softmax_gamma=-0.05)}
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+@pytest.mark.parametrize("path", ATTENTION_PATHS)
+def test_later_tokens_change_no_earlier_logit(path, precision):
+    """The whole model, as train.py runs it (the backend's autocast; FP8 with delayed scales from
+    one training step): changing tokens t.. leaves logits[:, :t] bit-identical and changes
+    every logit row from t on."""
+    torch.manual_seed(0)
+    backend = make_backend(precision, "emulated")
+    model = GPT(tiny_config(block_size=16, **ATTENTION_PATHS[path]), backend)
+    idx = torch.randint(0, 256, (2, 16))
+    with backend.autocast(model):
+        model(idx, idx).loss.backward()
+    model.eval()
+    later = idx.clone()
+    later[:, 9:] = (idx[:, 9:] + torch.randint(1, 256, (2, 7))) % 256  # every token from position 9 on differs
+    with torch.no_grad(), backend.autocast(model):  # the FP8 scales now come from that step's amax
+        a, b = model(idx, idx).logits, model(later, later).logits
+    assert a.dtype == torch.bfloat16
+    assert torch.equal(a[:, :9], b[:, :9])
+    assert (a[:, 9:] != b[:, 9:]).any(dim=-1).all()
+    if precision == "fp8":
+        assert all((m.fp8_scale[:2] != 1).all() for _, m in fp8_layers(model))
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+def test_loss_is_the_cross_entropy_of_the_returned_logits(autocast):
+    """Mean over the target positions of logsumexp(logits) - logit[target], by hand in float64;
+    target -1 is ignored (not counted in the mean)."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    x, y = torch.randint(0, 256, (3, 32)), torch.randint(0, 256, (3, 32))
+    y[0, :5] = -1
+    y[2, 30:] = -1
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(x, y)
+    logits = out.logits.double()
+    keep = y != -1
+    nll = torch.logsumexp(logits, -1) - logits.gather(-1, y.clamp(min=0)[..., None])[..., 0]
+    by_hand = nll[keep].sum() / keep.sum()
+    assert out.loss.dtype == torch.float32 and out.logits.dtype == (torch.bfloat16 if autocast else torch.float32)
+    assert out.loss.item() == pytest.approx(by_hand.item(), rel=1e-6)
+    assert abs(nll.mean().item() - by_hand.item()) > 1e-4  # counting the ignored positions would show
+    # without targets: the last position only, the same logits
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        last = model(x).logits
+    assert last.shape == (3, 1, 256)
+    tol = dict(rtol=2 ** -7, atol=1e-2) if autocast else dict(rtol=1e-5, atol=1e-6)  # a 1-row GEMM rounds its own way
+    torch.testing.assert_close(last[:, 0], out.logits[:, -1], **tol)
+
+
+def test_tweo_term_of_the_model_by_hand():
+    """Eq. (3) on block outputs set by hand: attention and MLP matrices zero, so block l adds
+    its MLP output bias b_l to the embeddings: A_1 = e + b_1, A_2 = e + b_1 + b_2."""
+    model = GPT(tiny_config(block_size=4, vocab_size=8, n_layer=2, n_head=1, n_embd=4))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.transformer.wte.weight[1] = torch.tensor([3.0, 0, 0, 0])
+        model.transformer.wte.weight[2] = torch.tensor([0, -6.0, 0, 0])
+        model.transformer.h[0].mlp.c_proj.bias.copy_(torch.tensor([0, 0, 1.5, 0]))
+        model.transformer.h[1].mlp.c_proj.bias.copy_(torch.tensor([0, 0, 0, -7.0]))
+    idx = torch.tensor([[1, 2]])  # A_1 = [[3, 0, 1.5, 0], [0, -6, 1.5, 0]], A_2 adds -7 in the last column
+    out = model(idx, idx, with_tweo=True)
+    # tau = 3, p = 4: |3| -> 1, |-6| -> 16, |1.5| -> 1/16, |-7| -> (7/3)^4, mean over the 8 elements
+    layer1 = (1 + 16 + 1 / 16 + 1 / 16) / 8
+    layer2 = (1 + 16 + 1 / 16 + 1 / 16 + 2 * (7 / 3) ** 4) / 8
+    assert out.tweo_loss.item() == pytest.approx((layer1 + layer2) / 2, rel=1e-5)
+    assert out.act_max.tolist() == [6.0, 7.0]
+    model.config.tweo_tau, model.config.tweo_p = 1.5, 2.0  # the model's tau and p, not the defaults
+    layer1 = (4 + 16 + 1 + 1) / 8
+    layer2 = (4 + 16 + 1 + 1 + 2 * (7 / 1.5) ** 2) / 8
+    assert model(idx, idx, with_tweo=True).tweo_loss.item() == pytest.approx((layer1 + layer2) / 2, rel=1e-5)
+
+
+def test_tweo_gradient_on_bf16_block_outputs():
+    """Training's path: bf16 weights (DeepSpeed bf16) under autocast, so every block output is
+    bf16. The hand-written backward must agree with fp32 autograd on the naive formula."""
+    torch.manual_seed(0)
+    a = (torch.randn(4, 16, 32) * 2).bfloat16()
+    a[0, 3, 5] = 40.0  # an outlier
+    ours, ref = a.clone().requires_grad_(), a.float().requires_grad_()
+    value = tweo_penalty(ours)
+    value.backward()
+    naive = ((ref.abs() / (3 + 1e-6)) ** 4).mean()
+    naive.backward()
+    assert value.dtype == torch.float32 and ours.grad.dtype == torch.bfloat16
+    assert value.item() == pytest.approx(naive.item(), rel=2e-5)  # fp32; the norm kernel's root and power cost ~5e-6
+    assert torch.allclose(ours.grad.float(), ref.grad, rtol=2 ** -8, atol=0)  # one bf16 rounding
+
+    # the whole model in bf16: parameter gradients of the TWEO term, ours and the naive formula
+    # (in fp32, on the same bf16 block outputs) through the same bf16 network
+    model = GPT(tiny_config()).bfloat16()
+    x = torch.randint(0, 256, (2, 32))
+
+    def grads(naive_p=None):
+        model.zero_grad(set_to_none=True)
+        acts = []
+        hooks = [b.register_forward_hook(lambda m, i, o: acts.append(o)) for b in model.transformer.h]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, x, with_tweo=naive_p is None)
+        for h in hooks:
+            h.remove()
+        assert all(o.dtype == torch.bfloat16 for o in acts)
+        term = out.tweo_loss if naive_p is None else sum(((o.float().abs() / (3 + 1e-6)) ** naive_p).mean() for o in acts) / 2
+        term.backward()
+        return torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
+
+    g, g_ref, g_other = grads(), grads(naive_p=4.0), grads(naive_p=3.0)
+    assert ((g - g_ref).norm() / g_ref.norm()).item() < 1e-2
+    assert ((g - g_other).norm() / g_other.norm()).item() > 0.1  # the check tells p = 4 from p = 3
+
+
+def to_hf_state(model):
+    """Our GPT's weights in GPT2LMHeadModel's names, written out here (not with model.py's
+    hf_gpt2_state): Conv1D holds [in, out], ln_1 / ln_2 / ln_f are the LayerNorms of QKV, fc and the head."""
+    ours = {k: v.detach() for k, v in model.state_dict().items()}
+    hf = {"transformer.wte.weight": ours["transformer.wte.weight"], "transformer.wpe.weight": ours["transformer.wpe.weight"],
+          "transformer.ln_f.weight": ours["lm_head.layer_norm_weight"], "transformer.ln_f.bias": ours["lm_head.layer_norm_bias"],
+          "lm_head.weight": ours["lm_head.weight"]}
+    for i in range(model.config.n_layer):
+        h, o = f"transformer.h.{i}.", f"transformer.h.{i}."
+        for ln, layer in (("ln_1", "attn.c_attn"), ("ln_2", "mlp.c_fc")):
+            hf[h + ln + ".weight"], hf[h + ln + ".bias"] = ours[o + layer + ".layer_norm_weight"], ours[o + layer + ".layer_norm_bias"]
+        for layer in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+            hf[h + layer + ".weight"], hf[h + layer + ".bias"] = ours[o + layer + ".weight"].t(), ours[o + layer + ".bias"]
+    return hf
+
+
+def randomize(model, generator):
+    """Every parameter random, LayerNorm gains and biases included (init's ones and zeros would
+    hide a swapped or dropped LayerNorm or bias)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=generator) * (0.3 if p.dim() == 1 else 0.1)
+            gain = name.endswith("layer_norm_weight") or (name.split(".")[-2].startswith("ln") and name.endswith(".weight"))
+            p.copy_(1 + noise if gain else noise)
+
+
+def test_logits_equal_hugging_face_gpt2_with_the_same_weights():
+    """GPT2LMHeadModel as an independent oracle, both ways: our random weights copied into it
+    by this file's own mapping, and its random weights loaded by model.load_hf."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from model import load_hf
+    g = torch.Generator().manual_seed(7)
+    n_layer, n_head, head_dim = (int(torch.randint(lo, hi, (), generator=g)) for lo, hi in ((2, 4), (2, 5), (4, 9)))
+    n_embd, vocab, block = n_head * head_dim, 64 + int(torch.randint(0, 64, (), generator=g)), 24
+    hf_config = GPT2Config(vocab_size=vocab, n_positions=block, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    idx = torch.randint(0, vocab, (3, block), generator=g)
+
+    ours = GPT(GPTConfig(block_size=block, vocab_size=vocab, n_layer=n_layer, n_head=n_head, n_embd=n_embd)).eval()
+    randomize(ours, g)
+    hf = GPT2LMHeadModel(hf_config).eval()
+    missing, unexpected = hf.load_state_dict(to_hf_state(ours), strict=False)
+    assert not unexpected and all(k.endswith(".attn.bias") or k.endswith("masked_bias") for k in missing), (missing, unexpected)
+    with torch.no_grad():
+        want, got = hf(idx).logits, ours(idx, idx).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (want - want.mean()).abs().mean() > 0.1  # logits far from constant: the comparison has teeth
+
+    hf2 = GPT2LMHeadModel(hf_config).eval()
+    randomize(hf2, g)
+    hf2.lm_head.weight = hf2.transformer.wte.weight
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        hf2.save_pretrained(d)
+        loaded, info = load_hf(d, dtype=torch.float32)
+    with torch.no_grad():
+        want, got = hf2(idx).logits, loaded(idx, idx).logits
+    assert info["hf_vocab_size"] == vocab and got.shape[-1] == loaded.config.vocab_size > vocab
+    torch.testing.assert_close(got[..., :vocab], want, rtol=1e-5, atol=1e-5)
