@@ -71,6 +71,9 @@ def test_open_split_checks_the_vocabulary(tmp_path):
     D.open_split(d, "val", 8, vocab_size=321)
     with pytest.raises(D.DataError, match=r"needs a vocabulary of 321 but vocab_size is 320"):
         D.open_split(d, "val", 8, vocab_size=320)
+    token_file(tmp_path, [1, 200] * 20, split="val")
+    with pytest.raises(D.DataError, match=r"needs a vocabulary of 300 but vocab_size is 299"):
+        D.open_split(d, "val", 8, vocab_size=299)
     D.open_split(d, "val", 8)  # no model vocabulary: nothing to check
 
 
@@ -98,7 +101,8 @@ def test_val_windows_are_fixed_and_never_a_training_batch():
     assert np.array_equal(val, D.val_offsets(1337, 8, data_len, block))
     assert np.array_equal(D.val_offsets(1337, 16, data_len, block)[:8], val)
     assert not np.array_equal(val, D.val_offsets(1338, 8, data_len, block))
-    assert val.min() >= 0 and val.max() <= data_len - block - 2
+    # known answer: the generator seeded with [seed, 0x7E0, 1], starts 0 .. data_len - block - 2
+    assert np.array_equal(val, np.random.default_rng([1337, 0x7E0, 1]).integers(0, data_len - block - 1, size=8))
     # no training iteration draws the val windows (iteration 2016 = 0x7E0 once did)
     for it in range(0, 3000):
         assert not np.array_equal(D.train_offsets(1337, it, 8, data_len, block), val), it
@@ -169,6 +173,16 @@ def test_evaluate_is_the_mean_window_loss_on_any_number_of_ranks(bigram_data, wo
     reduced = D.evaluate(model, data, offsets, 8, micro_batch_size, CPU, torch.no_grad, rank=0, world_size=world_size,
                          all_reduce=lambda t: t.copy_(total))
     assert reduced == pytest.approx(single, rel=1e-12, abs=0)
+
+
+def test_evaluate_with_fewer_windows_than_ranks(bigram_data):
+    model, data = bigram_data
+    totals = []
+    for rank in range(2):
+        D.evaluate(model, data, np.array([17]), 8, 2, CPU, torch.no_grad, rank=rank, world_size=2, all_reduce=totals.append)
+    total = sum(totals)
+    assert totals[1][1].item() == 0 and total[1].item() == 1  # rank 1 runs one all-padding batch
+    assert (total[0] / total[1]).item() == pytest.approx(window_loss(model.table, data, 17, 8), rel=1e-6)
 
 
 def test_evaluate_runs_the_same_number_of_batches_on_every_rank(bigram_data):

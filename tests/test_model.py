@@ -544,3 +544,53 @@ def test_logits_equal_hugging_face_gpt2_with_the_same_weights():
         want, got = hf2(idx).logits, loaded(idx, idx).logits
     assert info["hf_vocab_size"] == vocab and got.shape[-1] == loaded.config.vocab_size > vocab
     torch.testing.assert_close(got[..., :vocab], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("p", [1.0, 0.5])
+def test_tweo_gradient_at_zero_is_zero_for_p_up_to_1(p):
+    """|a|^p has no derivative at 0 for p <= 1: the subgradient 0 (not +-1, nor the inf of |a|^(p-1))."""
+    a = torch.tensor([0.0, -0.0, 1.5, -6.0], requires_grad=True)
+    tweo_penalty(a, 3.0, p).backward()
+    expected = [0.0, 0.0, p * 1.5 ** (p - 1) / (4 * 3 ** p), -p * 6 ** (p - 1) / (4 * 3 ** p)]
+    assert a.grad.tolist() == pytest.approx(expected, rel=1e-5, abs=0)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_activation_checkpointing_changes_no_number(precision):
+    """Recomputing the blocks in backward (the 3B and 7B configs) gives the same loss, TWEO term
+    and gradients bit for bit; it is used in training only, and only when asked for."""
+    def step(checkpointing):
+        torch.manual_seed(0)
+        backend = make_backend(precision, "emulated")
+        calls, checkpoint = [], backend.checkpoint
+        backend.checkpoint = lambda fn, *args: calls.append("train" if model.training else "eval") or checkpoint(fn, *args)
+        model = GPT(tiny_config(activation_checkpointing=checkpointing), backend)
+        x = torch.randint(0, 256, (2, 32))
+        for _ in range(2):  # FP8: the second step runs on the scales of the first
+            model.zero_grad(set_to_none=True)
+            with backend.autocast(model):
+                out = model(x, x, with_tweo=True)
+            (out.loss + 0.01 * out.tweo_loss).backward()
+        model.eval()
+        with torch.no_grad(), backend.autocast(model):
+            model(x, x)
+        return out, [p.grad for p in model.parameters()], calls
+
+    (plain, plain_grads, plain_calls), (ckpt, ckpt_grads, ckpt_calls) = step(False), step(True)
+    assert plain_calls == [] and ckpt_calls == ["train"] * 4  # 2 blocks x 2 steps, not in eval
+    assert torch.equal(plain.loss, ckpt.loss) and torch.equal(plain.tweo_loss, ckpt.tweo_loss)
+    assert all(torch.equal(a, b) for a, b in zip(plain_grads, ckpt_grads))
+
+
+def test_attention_initialisation():
+    """GPT-2's: QKV N(0, 0.02), the output projection N(0, 0.02 / sqrt(2 L)) (a residual
+    projection), biases 0; attn_bias's k' and v' N(0, 0.02)."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config(n_layer=8, n_embd=128, n_head=4, attn_bias=True))
+    for block in model.transformer.h[:2]:
+        attn = block.attn
+        assert attn.c_proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+        assert attn.c_attn.bias.abs().max().item() == attn.c_proj.bias.abs().max().item() == 0
+        for bias in (attn.k_bias, attn.v_bias):
+            assert bias.shape == (4, 1, 32)
+            assert bias.std().item() == pytest.approx(0.02, rel=0.2) and abs(bias.mean().item()) < 0.01
