@@ -1,4 +1,4 @@
-"""model.py: sizes, the TWEO term (value, gradient, memory), forward outputs, generation, HF GPT-2 loading."""
+"""model.py: sizes, FLOPs, the TWEO term (value, gradient, memory), causality, the loss, forward outputs, activation checkpointing, generation, Hugging Face GPT-2 parity and loading."""
 import json
 import math
 import os
@@ -42,6 +42,9 @@ def test_tweo_value_equals_the_formula_on_a_hand_made_tensor():
     assert tweo_penalty(a, tau, 4.0, eps).item() == pytest.approx(expected, rel=1e-6)
     # 30 = 10 tau contributes 10^4: the soft threshold of Sec. 3.3
     assert expected == pytest.approx((0 + 1 + 16 + 1 / 16 + 1 + 1e4) / 6, rel=1e-5)
+    # the defaults are the paper's tau = 3, p = 4, eps = 1e-6, eps included exactly (float64)
+    a = torch.tensor([3.0, -1.5], dtype=torch.float64)
+    assert tweo_penalty(a).item() == pytest.approx((1 + 1 / 16) / 2 * (3 / (3 + 1e-6)) ** 4, rel=1e-12)
 
 
 @pytest.mark.parametrize("p", [4.0, 3.0, 2.5, 1.0])
@@ -68,35 +71,6 @@ def test_tweo_is_fp32_under_bf16_autocast():
         v = tweo_penalty(a)
     assert v.dtype == torch.float32
     assert v.item() == pytest.approx(((a.float().abs() / 3) ** 4).mean().item(), rel=1e-4)
-
-
-def test_tweo_adds_no_activation_memory():
-    torch.manual_seed(0)
-    model = GPT(tiny_config(block_size=128, vocab_size=512, n_layer=12, n_head=4, n_embd=128))
-    x = torch.randint(0, 512, (8, 128))
-
-    def step(tweo, naive=False):
-        def run():
-            if naive:  # the same term through plain autograd, for contrast
-                acts = []
-                hooks = [b.register_forward_hook(lambda m, i, o: acts.append(o)) for b in model.transformer.h]
-                out = model(x, x)
-                for h in hooks:
-                    h.remove()
-                loss = out.loss + 0.01 * sum(((a.float().abs() / 3) ** 4).mean() for a in acts) / len(acts)
-            else:
-                out = model(x, x, with_tweo=tweo)
-                loss = out.loss + 0.01 * out.tweo_loss
-            loss.backward()
-            model.zero_grad(set_to_none=True)
-        return run
-
-    step(False)()  # warm up
-    base, tweo, naive = cpu_peak_bytes(step(False)), cpu_peak_bytes(step(True)), cpu_peak_bytes(step(False, naive=True))
-    print(f"peak memory: lambda=0 {base / 2**20:.2f} MiB, TWEO {tweo / 2**20:.2f} MiB ({100 * (tweo / base - 1):+.3f}%), "
-          f"naive autograd TWEO {naive / 2**20:.2f} MiB ({100 * (naive / base - 1):+.1f}%)")
-    assert tweo <= 1.01 * base
-    assert naive > 1.02 * base  # the measurement does see a term that keeps activations
 
 
 def test_lambda_zero_computes_no_tweo(monkeypatch):
@@ -155,215 +129,6 @@ def test_flops_per_token_of_gpt2_124m_by_hand():
     attention = 12 * 12 * 1024 * 768                         # QK^T and AV: 2 x 2 T d per layer forward, x3 with backward
     assert model.flops_per_token() == 6 * n + attention == 855_383_040
     assert model.get_num_params(non_embedding=False) == n + 1024 * 768
-
-
-def test_generate_is_deterministic_and_respects_the_vocab_limit():
-    torch.manual_seed(0)
-    model = GPT(tiny_config(block_size=8)).eval()  # 16 tokens: past the block, the context is cropped
-    idx = torch.zeros(2, 1, dtype=torch.long)
-    a = model.generate(idx, 16, temperature=1.0, top_k=50, vocab_limit=200, generator=torch.Generator().manual_seed(3))
-    b = model.generate(idx, 16, temperature=1.0, top_k=50, vocab_limit=200, generator=torch.Generator().manual_seed(3))
-    assert a.shape == (2, 17) and torch.equal(a, b)
-    assert a.max().item() < 200
-
-
-def test_outlier_stats_and_record_activations():
-    t = torch.tensor([1.0, -2.0, 3.0, -10.0, 0.5, 0.0])
-    s = outlier_stats(t)
-    assert (s["top1"], s["top2"], s["top3"]) == (10.0, 3.0, 2.0)
-    assert s["median"] == pytest.approx(1.5) and s["mean_abs"] == pytest.approx(16.5 / 6)
-    x = t.double()
-    c = x - x.mean()
-    assert s["kurtosis"] == pytest.approx(((c ** 4).mean() / (c ** 2).mean() ** 2).item())
-    assert outlier_stats(torch.randn(200000))["kurtosis"] == pytest.approx(3.0, abs=0.1)
-    model = GPT(tiny_config())
-    with record_activations(model, ffn=True) as rec:
-        model(torch.randint(0, 256, (2, 32)))
-    assert len(rec["block"]) == 2 and len(rec["ffn"]) == 2 and len(rec["block"][0]) == 1
-    # batches merge exactly (but for the median)
-    a, b = torch.randn(1000) * 2, torch.randn(3000) + 1
-    merged = summarize_moments([activation_moments(v) for v in (a, b)])
-    direct = outlier_stats(torch.cat([a, b]))
-    for k in ("top1", "top2", "top3", "mean_abs", "kurtosis"):
-        assert merged[k] == pytest.approx(direct[k], rel=1e-9)
-    assert not model.transformer.h[0]._forward_hooks  # hooks removed
-
-
-def test_importing_model_imports_neither_te_nor_deepspeed():
-    code = "import sys, model; bad = [m for m in ('deepspeed', 'transformer_engine') if m in sys.modules]; assert not bad, bad"
-    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
-
-
-# ---- the invasive baselines of Table 2: attention bias and clipped softmax ------------
-
-def reference_attention_block(attn, x, gamma=0.0, zeta=1.0):
-    """A CausalSelfAttention written out from its weights, one query at a time: LayerNorm,
-    QKV, [k'; keys up to the query], softmax stretched to [gamma, zeta] and clipped to [0, 1]."""
-    B, T, C = x.shape
-    H = attn.n_head
-    D = C // H
-    ln = attn.c_attn
-    xn = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5)
-    qkv = torch.einsum("btc,oc->bto", xn * ln.layer_norm_weight + ln.layer_norm_bias, ln.weight) + ln.bias
-    q, k, v = (qkv[..., i * C:(i + 1) * C].reshape(B, T, H, D) for i in range(3))
-    y = torch.zeros(B, T, H, D, dtype=x.dtype)
-    for b in range(B):
-        for h in range(H):
-            for t in range(T):
-                keys, values = k[b, :t + 1, h], v[b, :t + 1, h]
-                if attn.attn_bias:
-                    keys, values = torch.cat([attn.k_bias[h], keys]), torch.cat([attn.v_bias[h], values])
-                scores = torch.einsum("d,sd->s", q[b, t, h], keys) / math.sqrt(D)
-                p = torch.exp(scores - scores.max())
-                p = torch.clamp((zeta - gamma) * p / p.sum() + gamma, 0.0, 1.0)
-                y[b, t, h] = torch.einsum("s,sd->d", p, values)
-    return torch.einsum("btc,oc->bto", y.reshape(B, T, C), attn.c_proj.weight) + attn.c_proj.bias
-
-
-def invasive_model(**kw):
-    torch.manual_seed(0)
-    model = GPT(tiny_config(block_size=12, n_embd=16, **kw)).double().eval()
-    for block in model.transformer.h:  # weights of a trained model's size, for peaked attention and a k', v' that matter
-        block.attn.c_attn.weight.data.normal_(0.0, 0.5)
-        if kw.get("attn_bias"):
-            block.attn.k_bias.data.normal_(0.0, 1.0)
-            block.attn.v_bias.data.normal_(0.0, 1.0)
-    return model, torch.randn(2, 12, 16, dtype=torch.float64)
-
-
-@pytest.mark.parametrize("kw", [dict(attn_bias=True), dict(clipped_softmax_gamma=-0.1),
-                                dict(clipped_softmax_gamma=-0.2, clipped_softmax_zeta=1.2),
-                                dict(attn_bias=True, clipped_softmax_gamma=-0.1)], ids=str)
-def test_invasive_attention_equals_a_direct_computation(kw):
-    model, x = invasive_model(**kw)
-    attn = model.transformer.h[0].attn
-    gamma, zeta = kw.get("clipped_softmax_gamma", 0.0), kw.get("clipped_softmax_zeta", 1.0)
-    ours, direct = attn(x), reference_attention_block(attn, x, gamma, zeta)
-    assert (ours - direct).abs().max().item() < 1e-12
-    # negative controls: the same check tells the option from plain attention ...
-    plain, _ = invasive_model()
-    assert (plain.transformer.h[0].attn(x) - direct).abs().max().item() > 1e-3
-    # ... and is causal: a later token changes nothing before it (a wrong mask, or a clipped
-    # softmax letting gamma through to hidden keys, would)
-    x2 = x.clone()
-    x2[:, 7:] = torch.randn(2, 5, 16, dtype=torch.float64)
-    assert torch.equal(attn(x2)[:, :7], ours[:, :7]) and not torch.equal(attn(x2)[:, 7:], ours[:, 7:])
-
-
-def test_clipped_softmax_reaches_exact_zeros_and_with_gamma_0_is_plain_softmax():
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 10, 8, dtype=torch.float64) * 3 for _ in range(3))
-    causal = torch.ones(10, 10, dtype=torch.bool).tril()
-    plain = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    assert torch.allclose(clipped_softmax_attention(q, k, v, causal, 0.0, 1.0), plain, rtol=0, atol=1e-12)
-    # v = identity reads out the probabilities: clipped ones are exactly 0 where softmax is small but positive
-    eye = torch.eye(10, dtype=torch.float64).expand(2, 3, 10, 10)
-    soft, clipped = clipped_softmax_attention(q, k, eye, causal, 0.0, 1.0), clipped_softmax_attention(q, k, eye, causal, -0.1, 1.0)
-    small = causal & (soft < 0.1 / 1.1)
-    assert small.any() and (soft[small] > 0).all() and (clipped[small] == 0).all()
-    assert torch.equal(clipped[~small & causal], 1.1 * soft[~small & causal] - 0.1)
-    assert (clipped[..., ~causal] == 0).all()
-    # in the model: the explicit path with gamma = 0, zeta = 1 gives the SDPA path's logits
-    model = GPT(tiny_config()).eval()
-    idx = torch.randint(0, 256, (2, 32))
-    fast = model(idx, idx).logits
-    for block in model.transformer.h:
-        block.attn.clip = (0.0, 1.0)
-    assert torch.allclose(model(idx, idx).logits, fast, rtol=0, atol=1e-5)
-    with pytest.raises(AssertionError, match="gamma <= 0"):  # a positive gamma would let hidden keys through
-        GPT(tiny_config(clipped_softmax_gamma=0.01))
-
-
-def test_attention_bias_with_zero_k_and_v_is_softmax_plus_one():
-    """k' = v' = 0: the bias key has logit 0 and adds nothing to the output, so attention
-    becomes sum_j e^s_j v_j / (1 + sum_j e^s_j), the "softmax + 1" of the paper's Table 1."""
-    model, x = invasive_model(attn_bias=True)
-    attn = model.transformer.h[0].attn
-    attn.k_bias.data.zero_()
-    attn.v_bias.data.zero_()
-    C, H = 16, attn.n_head
-    q, k, v = attn.c_attn(x).split(C, dim=2)
-    q, k, v = (t.view(2, 12, H, C // H).transpose(1, 2) for t in (q, k, v))
-    s = (q @ k.transpose(-2, -1) / math.sqrt(C // H)).masked_fill(~torch.ones(12, 12, dtype=torch.bool).tril(), -math.inf)
-    y = (s.exp() / (1 + s.exp().sum(-1, keepdim=True))) @ v
-    expected = attn.c_proj(y.transpose(1, 2).reshape(2, 12, C))
-    assert (attn(x) - expected).abs().max().item() < 1e-12
-
-
-def test_invasive_options_off_leave_the_model_unchanged():
-    """Off, the attention takes the SDPA fast path, adds no parameter and draws no random
-    number: the logits are bit-identical to the attention this repository had before."""
-    def sdpa_forward(self, x):  # CausalSelfAttention.forward before the options existed
-        B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
-        return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
-
-    torch.manual_seed(0)
-    model = GPT(tiny_config(n_layer=1))
-    after_init = torch.randn(3)
-    assert set(model.state_dict()) == {
-        "transformer.wte.weight", "transformer.wpe.weight", "lm_head.weight", "lm_head.layer_norm_weight",
-        "lm_head.layer_norm_bias"} | {f"transformer.h.0.{m}.{p}" for m in ("attn.c_attn", "mlp.c_fc") for p in (
-            "layer_norm_weight", "layer_norm_bias", "weight", "bias")} | {
-        f"transformer.h.0.{m}.{p}" for m in ("attn.c_proj", "mlp.c_proj") for p in ("weight", "bias")}
-    torch.manual_seed(0)
-    clipped = GPT(tiny_config(n_layer=1, clipped_softmax_gamma=-0.05))  # adds no parameter either
-    assert torch.equal(torch.randn(3), after_init)  # the same random draws: the same init
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), clipped.state_dict().values()))
-    torch.manual_seed(0)
-    with_bias = GPT(tiny_config(n_layer=1, attn_bias=True))
-    assert set(with_bias.state_dict()) - set(model.state_dict()) == {"transformer.h.0.attn.k_bias", "transformer.h.0.attn.v_bias"}
-    assert with_bias.transformer.h[0].attn.k_bias.std().item() == pytest.approx(0.02, rel=0.3)
-
-    idx = torch.randint(0, 256, (2, 32))
-    ours = model(idx, idx).logits
-    attention = type(model.transformer.h[0].attn)
-    original, attention.forward = attention.forward, sdpa_forward
-    try:
-        before = model(idx, idx).logits
-    finally:
-        attention.forward = original
-    assert torch.equal(ours, before)
-    assert not torch.allclose(clipped(idx, idx).logits, before, atol=1e-4)  # the test would see a change
-
-
-# ---- Hugging Face GPT-2 checkpoints ------------------------------------------------------
-
-@pytest.mark.parametrize("safe", [True, False])
-def test_hf_gpt2_logits_equal_transformers(hf_gpt2, tmp_path, safe):
-    from model import hf_gpt2_state, load_hf
-    hf_dir, hf = hf_gpt2
-    if not safe:  # an older checkpoint: a torch state dict (transformers 5 writes only safetensors)
-        shutil.copy(os.path.join(hf_dir, "config.json"), tmp_path)
-        torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
-        hf_dir = str(tmp_path)
-    ours, info = load_hf(hf_dir, dtype=torch.float32)
-    assert ours.config.vocab_size == 50304 and info["hf_vocab_size"] == 50257 and ours.config.block_size == 64
-    idx = torch.randint(0, 50257, (3, 64), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        want = hf(idx).logits
-        got = ours(idx, idx).logits
-    torch.testing.assert_close(got[..., :50257], want, rtol=1e-5, atol=1e-5)
-    assert torch.all(got[..., 50257:] == -float("inf"))  # the padding is never predicted nor sampled
-    assert torch.all(ours.transformer.wte.weight[50257:] == 0)
-    assert ours.lm_head.weight is ours.transformer.wte.weight
-    state, args, n_vocab = hf_gpt2_state(hf_dir, block_size=32)  # wpe cropped, as for a shorter block
-    assert state["transformer.wpe.weight"].shape == (32, 32) and args["block_size"] == 32
-
-
-def test_hf_directories_that_do_not_fit_fail_clearly(hf_gpt2, tmp_path):
-    from model import CheckpointError, load_hf
-    with pytest.raises(CheckpointError, match="config.json unreadable"):
-        load_hf(str(tmp_path))
-    cfg = json.load(open(os.path.join(hf_gpt2[0], "config.json")))
-    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, activation_function="relu")))
-    with pytest.raises(CheckpointError, match="activation_function='relu'"):
-        load_hf(str(tmp_path))
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="neither model.safetensors nor pytorch_model.bin"):
-        load_hf(str(tmp_path))
 
 
 # ---- causality, the task loss, the TWEO term in the model, and Hugging Face as an oracle ----
@@ -594,3 +359,245 @@ def test_attention_initialisation():
         for bias in (attn.k_bias, attn.v_bias):
             assert bias.shape == (4, 1, 32)
             assert bias.std().item() == pytest.approx(0.02, rel=0.2) and abs(bias.mean().item()) < 0.01
+
+
+# ---- generation, activation statistics, imports ---------------------------------------
+
+def test_generate_is_deterministic_and_respects_the_vocab_limit():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(block_size=8)).eval()  # 16 tokens: past the block, the context is cropped
+    idx = torch.zeros(2, 1, dtype=torch.long)
+    a = model.generate(idx, 16, temperature=1.0, top_k=50, vocab_limit=200, generator=torch.Generator().manual_seed(3))
+    b = model.generate(idx, 16, temperature=1.0, top_k=50, vocab_limit=200, generator=torch.Generator().manual_seed(3))
+    assert a.shape == (2, 17) and torch.equal(a, b)
+    assert a.max().item() < 200
+
+
+def test_outlier_stats_and_record_activations():
+    t = torch.tensor([1.0, -2.0, 3.0, -10.0, 0.5, 0.0])
+    s = outlier_stats(t)
+    assert (s["top1"], s["top2"], s["top3"]) == (10.0, 3.0, 2.0)
+    assert s["median"] == pytest.approx(1.5) and s["mean_abs"] == pytest.approx(16.5 / 6)
+    x = t.double()
+    c = x - x.mean()
+    assert s["kurtosis"] == pytest.approx(((c ** 4).mean() / (c ** 2).mean() ** 2).item())
+    assert outlier_stats(torch.randn(200000))["kurtosis"] == pytest.approx(3.0, abs=0.1)
+    model = GPT(tiny_config())
+    with record_activations(model, ffn=True) as rec:
+        model(torch.randint(0, 256, (2, 32)))
+    assert len(rec["block"]) == 2 and len(rec["ffn"]) == 2 and len(rec["block"][0]) == 1
+    # batches merge exactly (but for the median)
+    a, b = torch.randn(1000) * 2, torch.randn(3000) + 1
+    merged = summarize_moments([activation_moments(v) for v in (a, b)])
+    direct = outlier_stats(torch.cat([a, b]))
+    for k in ("top1", "top2", "top3", "mean_abs", "kurtosis"):
+        assert merged[k] == pytest.approx(direct[k], rel=1e-9)
+    assert not model.transformer.h[0]._forward_hooks  # hooks removed
+
+
+def test_importing_model_imports_neither_te_nor_deepspeed():
+    code = "import sys, model; bad = [m for m in ('deepspeed', 'transformer_engine') if m in sys.modules]; assert not bad, bad"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+# ---- the invasive baselines of Table 2: attention bias and clipped softmax ------------
+
+def reference_attention_block(attn, x, gamma=0.0, zeta=1.0):
+    """A CausalSelfAttention written out from its weights, one query at a time: LayerNorm,
+    QKV, [k'; keys up to the query], softmax stretched to [gamma, zeta] and clipped to [0, 1]."""
+    B, T, C = x.shape
+    H = attn.n_head
+    D = C // H
+    ln = attn.c_attn
+    xn = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    qkv = torch.einsum("btc,oc->bto", xn * ln.layer_norm_weight + ln.layer_norm_bias, ln.weight) + ln.bias
+    q, k, v = (qkv[..., i * C:(i + 1) * C].reshape(B, T, H, D) for i in range(3))
+    y = torch.zeros(B, T, H, D, dtype=x.dtype)
+    for b in range(B):
+        for h in range(H):
+            for t in range(T):
+                keys, values = k[b, :t + 1, h], v[b, :t + 1, h]
+                if attn.attn_bias:
+                    keys, values = torch.cat([attn.k_bias[h], keys]), torch.cat([attn.v_bias[h], values])
+                scores = torch.einsum("d,sd->s", q[b, t, h], keys) / math.sqrt(D)
+                p = torch.exp(scores - scores.max())
+                p = torch.clamp((zeta - gamma) * p / p.sum() + gamma, 0.0, 1.0)
+                y[b, t, h] = torch.einsum("s,sd->d", p, values)
+    return torch.einsum("btc,oc->bto", y.reshape(B, T, C), attn.c_proj.weight) + attn.c_proj.bias
+
+
+def invasive_model(**kw):
+    torch.manual_seed(0)
+    model = GPT(tiny_config(block_size=12, n_embd=16, **kw)).double().eval()
+    for block in model.transformer.h:  # weights of a trained model's size, for peaked attention and a k', v' that matter
+        block.attn.c_attn.weight.data.normal_(0.0, 0.5)
+        if kw.get("attn_bias"):
+            block.attn.k_bias.data.normal_(0.0, 1.0)
+            block.attn.v_bias.data.normal_(0.0, 1.0)
+    return model, torch.randn(2, 12, 16, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("kw", [dict(attn_bias=True), dict(clipped_softmax_gamma=-0.1),
+                                dict(clipped_softmax_gamma=-0.2, clipped_softmax_zeta=1.2),
+                                dict(attn_bias=True, clipped_softmax_gamma=-0.1)], ids=str)
+def test_invasive_attention_equals_a_direct_computation(kw):
+    model, x = invasive_model(**kw)
+    attn = model.transformer.h[0].attn
+    gamma, zeta = kw.get("clipped_softmax_gamma", 0.0), kw.get("clipped_softmax_zeta", 1.0)
+    ours, direct = attn(x), reference_attention_block(attn, x, gamma, zeta)
+    assert (ours - direct).abs().max().item() < 1e-12
+    # negative controls: the same check tells the option from plain attention ...
+    plain, _ = invasive_model()
+    assert (plain.transformer.h[0].attn(x) - direct).abs().max().item() > 1e-3
+    # ... and is causal: a later token changes nothing before it (a wrong mask, or a clipped
+    # softmax letting gamma through to hidden keys, would)
+    x2 = x.clone()
+    x2[:, 7:] = torch.randn(2, 5, 16, dtype=torch.float64)
+    assert torch.equal(attn(x2)[:, :7], ours[:, :7]) and not torch.equal(attn(x2)[:, 7:], ours[:, 7:])
+
+
+def test_clipped_softmax_reaches_exact_zeros_and_with_gamma_0_is_plain_softmax():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 10, 8, dtype=torch.float64) * 3 for _ in range(3))
+    causal = torch.ones(10, 10, dtype=torch.bool).tril()
+    plain = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert torch.allclose(clipped_softmax_attention(q, k, v, causal, 0.0, 1.0), plain, rtol=0, atol=1e-12)
+    # v = identity reads out the probabilities: clipped ones are exactly 0 where softmax is small but positive
+    eye = torch.eye(10, dtype=torch.float64).expand(2, 3, 10, 10)
+    soft, clipped = clipped_softmax_attention(q, k, eye, causal, 0.0, 1.0), clipped_softmax_attention(q, k, eye, causal, -0.1, 1.0)
+    small = causal & (soft < 0.1 / 1.1)
+    assert small.any() and (soft[small] > 0).all() and (clipped[small] == 0).all()
+    assert torch.equal(clipped[~small & causal], 1.1 * soft[~small & causal] - 0.1)
+    assert (clipped[..., ~causal] == 0).all()
+    # in the model: the explicit path with gamma = 0, zeta = 1 gives the SDPA path's logits
+    model = GPT(tiny_config()).eval()
+    idx = torch.randint(0, 256, (2, 32))
+    fast = model(idx, idx).logits
+    for block in model.transformer.h:
+        block.attn.clip = (0.0, 1.0)
+    assert torch.allclose(model(idx, idx).logits, fast, rtol=0, atol=1e-5)
+    with pytest.raises(AssertionError, match="gamma <= 0"):  # a positive gamma would let hidden keys through
+        GPT(tiny_config(clipped_softmax_gamma=0.01))
+
+
+def test_attention_bias_with_zero_k_and_v_is_softmax_plus_one():
+    """k' = v' = 0: the bias key has logit 0 and adds nothing to the output, so attention
+    becomes sum_j e^s_j v_j / (1 + sum_j e^s_j), the "softmax + 1" of the paper's Table 1."""
+    model, x = invasive_model(attn_bias=True)
+    attn = model.transformer.h[0].attn
+    attn.k_bias.data.zero_()
+    attn.v_bias.data.zero_()
+    C, H = 16, attn.n_head
+    q, k, v = attn.c_attn(x).split(C, dim=2)
+    q, k, v = (t.view(2, 12, H, C // H).transpose(1, 2) for t in (q, k, v))
+    s = (q @ k.transpose(-2, -1) / math.sqrt(C // H)).masked_fill(~torch.ones(12, 12, dtype=torch.bool).tril(), -math.inf)
+    y = (s.exp() / (1 + s.exp().sum(-1, keepdim=True))) @ v
+    expected = attn.c_proj(y.transpose(1, 2).reshape(2, 12, C))
+    assert (attn(x) - expected).abs().max().item() < 1e-12
+
+
+def test_invasive_options_off_leave_the_model_unchanged():
+    """Off, the attention takes the SDPA fast path, adds no parameter and draws no random
+    number: the logits are bit-identical to the attention this repository had before."""
+    def sdpa_forward(self, x):  # CausalSelfAttention.forward before the options existed
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
+
+    torch.manual_seed(0)
+    model = GPT(tiny_config(n_layer=1))
+    after_init = torch.randn(3)
+    assert set(model.state_dict()) == {
+        "transformer.wte.weight", "transformer.wpe.weight", "lm_head.weight", "lm_head.layer_norm_weight",
+        "lm_head.layer_norm_bias"} | {f"transformer.h.0.{m}.{p}" for m in ("attn.c_attn", "mlp.c_fc") for p in (
+            "layer_norm_weight", "layer_norm_bias", "weight", "bias")} | {
+        f"transformer.h.0.{m}.{p}" for m in ("attn.c_proj", "mlp.c_proj") for p in ("weight", "bias")}
+    torch.manual_seed(0)
+    clipped = GPT(tiny_config(n_layer=1, clipped_softmax_gamma=-0.05))  # adds no parameter either
+    assert torch.equal(torch.randn(3), after_init)  # the same random draws: the same init
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), clipped.state_dict().values()))
+    torch.manual_seed(0)
+    with_bias = GPT(tiny_config(n_layer=1, attn_bias=True))
+    assert set(with_bias.state_dict()) - set(model.state_dict()) == {"transformer.h.0.attn.k_bias", "transformer.h.0.attn.v_bias"}
+    assert with_bias.transformer.h[0].attn.k_bias.std().item() == pytest.approx(0.02, rel=0.3)
+
+    idx = torch.randint(0, 256, (2, 32))
+    ours = model(idx, idx).logits
+    attention = type(model.transformer.h[0].attn)
+    original, attention.forward = attention.forward, sdpa_forward
+    try:
+        before = model(idx, idx).logits
+    finally:
+        attention.forward = original
+    assert torch.equal(ours, before)
+    assert not torch.allclose(clipped(idx, idx).logits, before, atol=1e-4)  # the test would see a change
+
+
+# ---- Hugging Face GPT-2 checkpoints ------------------------------------------------------
+
+@pytest.mark.parametrize("safe", [True, False])
+def test_hf_gpt2_logits_equal_transformers(hf_gpt2, tmp_path, safe):
+    from model import hf_gpt2_state, load_hf
+    hf_dir, hf = hf_gpt2
+    if not safe:  # an older checkpoint: a torch state dict (transformers 5 writes only safetensors)
+        shutil.copy(os.path.join(hf_dir, "config.json"), tmp_path)
+        torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+        hf_dir = str(tmp_path)
+    ours, info = load_hf(hf_dir, dtype=torch.float32)
+    assert ours.config.vocab_size == 50304 and info["hf_vocab_size"] == 50257 and ours.config.block_size == 64
+    idx = torch.randint(0, 50257, (3, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = hf(idx).logits
+        got = ours(idx, idx).logits
+    torch.testing.assert_close(got[..., :50257], want, rtol=1e-5, atol=1e-5)
+    assert torch.all(got[..., 50257:] == -float("inf"))  # the padding is never predicted nor sampled
+    assert torch.all(ours.transformer.wte.weight[50257:] == 0)
+    assert ours.lm_head.weight is ours.transformer.wte.weight
+    state, args, n_vocab = hf_gpt2_state(hf_dir, block_size=32)  # wpe cropped, as for a shorter block
+    assert state["transformer.wpe.weight"].shape == (32, 32) and args["block_size"] == 32
+
+
+def test_hf_directories_that_do_not_fit_fail_clearly(hf_gpt2, tmp_path):
+    from model import CheckpointError, load_hf
+    with pytest.raises(CheckpointError, match="config.json unreadable"):
+        load_hf(str(tmp_path))
+    cfg = json.load(open(os.path.join(hf_gpt2[0], "config.json")))
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, activation_function="relu")))
+    with pytest.raises(CheckpointError, match="activation_function='relu'"):
+        load_hf(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="neither model.safetensors nor pytorch_model.bin"):
+        load_hf(str(tmp_path))
+
+
+# ---- memory (the slowest test, last: a mutant the tests above kill never waits for it) ----
+
+def test_tweo_adds_no_activation_memory():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(block_size=128, vocab_size=512, n_layer=12, n_head=4, n_embd=128))
+    x = torch.randint(0, 512, (8, 128))
+
+    def step(tweo, naive=False):
+        def run():
+            if naive:  # the same term through plain autograd, for contrast
+                acts = []
+                hooks = [b.register_forward_hook(lambda m, i, o: acts.append(o)) for b in model.transformer.h]
+                out = model(x, x)
+                for h in hooks:
+                    h.remove()
+                loss = out.loss + 0.01 * sum(((a.float().abs() / 3) ** 4).mean() for a in acts) / len(acts)
+            else:
+                out = model(x, x, with_tweo=tweo)
+                loss = out.loss + 0.01 * out.tweo_loss
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+        return run
+
+    step(False)()  # warm up
+    base, tweo, naive = cpu_peak_bytes(step(False)), cpu_peak_bytes(step(True)), cpu_peak_bytes(step(False, naive=True))
+    print(f"peak memory: lambda=0 {base / 2**20:.2f} MiB, TWEO {tweo / 2**20:.2f} MiB ({100 * (tweo / base - 1):+.3f}%), "
+          f"naive autograd TWEO {naive / 2**20:.2f} MiB ({100 * (naive / base - 1):+.1f}%)")
+    assert tweo <= 1.01 * base
+    assert naive > 1.02 * base  # the measurement does see a term that keeps activations
