@@ -15,7 +15,10 @@ import os
 import numpy as np
 import torch
 
-VAL_STREAM = 0x7E0  # the val windows' own seed stream, apart from every training iteration
+# The val windows' own seed words. A training iteration seeds with [seed, it], which numpy's
+# SeedSequence treats as [seed, it, 0]: a nonzero last word keeps every iteration (up to 2^32)
+# off the val stream. ([seed, 0x7E0] alone was the stream of training iteration 2016.)
+VAL_STREAM = (0x7E0, 1)
 
 
 class DataError(Exception):
@@ -45,7 +48,8 @@ def open_split(data_dir, split, block_size, vocab_size=None):
             raise DataError(f"{path} holds {size // 2} tokens but meta.json says {expected}: the file is corrupt or incomplete")
     n = size // 2
     if n < block_size + 2:
-        raise DataError(f"{path} holds {n} tokens, fewer than one window of block_size+1 = {block_size + 1}")
+        raise DataError(f"{path} holds {n} tokens, fewer than the {block_size + 2} that the windows of "
+                        f"block_size+1 = {block_size + 1} need (the last token is never a target)")
     data = np.memmap(path, dtype=np.uint16, mode="r")
     if vocab_size is not None:
         data_vocab = meta.get("vocab_size") if meta else None
@@ -62,7 +66,7 @@ def train_offsets(seed, it, n_windows, data_len, block_size):
 
 
 def val_offsets(seed, n_windows, data_len, block_size):
-    rng = np.random.default_rng([seed, VAL_STREAM])
+    rng = np.random.default_rng([seed, *VAL_STREAM])
     return rng.integers(0, data_len - block_size - 1, size=n_windows)
 
 

@@ -94,9 +94,11 @@ def run_tests(repo, test_file, timeout):
     try:
         return p.wait(timeout=timeout) == 0
     except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)  # the whole group: tests may have started subprocesses
-        p.wait()
         return False
+    finally:  # timed out, or this script stopped: the whole group, tests may have started subprocesses
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
 
 
 def copy_repo(root, dest):
@@ -119,6 +121,7 @@ def main():
     ap.add_argument("--timeout", type=float, help="seconds per mutant (default: 3x the unmutated run + 10)")
     ap.add_argument("--list", action="store_true", help="print the mutants without running anything")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # a stop still removes the temporary copy
     root = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=os.path.dirname(os.path.abspath(args.module)),
                           capture_output=True, text=True).stdout.strip()
     functions = set(args.functions.split(",")) if args.functions else None
