@@ -13,7 +13,7 @@ the run was trained in; fp8 uses the checkpoint's own FP8 scaling state.
 
 --hf=DIR evaluates a Hugging Face GPT-2 directory (config.json + model.safetensors or
 pytorch_model.bin, e.g. a local copy of `gpt2`): it has no run, so --data_dir is needed and
-the windows are train.py's defaults (seed 1337, eval_iters 25 x 8 windows) of --block_size
+the windows are 200 val windows of train.py's default seed 1337 (--eval_iters=N: N x 8) of --block_size
 tokens (default: the model's n_positions, 1024 for GPT-2).
 
 For post-training quantization work, evaluate(model, transform=...) evaluates a model
@@ -55,7 +55,7 @@ def evaluate(model, val_data, offsets, block_size, micro_batch_size, backend, tr
 
 
 # --hf=DIR: a Hugging Face GPT-2 has no run.json, so the val windows come from these
-# (train.py's defaults: seed 1337, 25 x 8 windows of the model's n_positions tokens)
+# (train.py's default seed 1337; 200 windows of the model's n_positions tokens, fewer than train.py's 3200)
 HF_RUN = dict(seed=1337, micro_batch_size=8, eval_windows=200, precision="bf16", fp8_backend="emulated",
               fp8_recipe="delayed", fp8_amax_history_len=16, fp8_amax_compute_algo="max")
 RUN_KEYS = ("precision", "fp8_backend", "fp8_recipe", "fp8_amax_history_len", "fp8_amax_compute_algo",

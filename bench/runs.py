@@ -39,8 +39,14 @@ def read_run(out_dir):
     with open(run_json) as f:
         run = json.load(f)
     with open(metrics) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+        rows = [json.loads(line, object_hook=non_finite) for line in f if line.strip()]
     return run, rows
+
+
+def non_finite(row):
+    """train.py writes a non-finite number as "nan", "inf" or "-inf" (metrics.jsonl is strict JSON): back to floats."""
+    return {k: float(v) if v in ("nan", "inf", "-inf") else [float(x) if x in ("nan", "inf", "-inf") else x for x in v]
+            if isinstance(v, list) else v for k, v in row.items()}
 
 
 def train_flags(out_dir, max_iters):

@@ -787,3 +787,35 @@ def test_tweo_lowers_the_activation_peak(demo_data, tmp_path):
     print(f"lambda 0 -> 0.01: activation peak {peak[0.0]:.1f} -> {peak[0.01]:.1f}, "
           f"largest block-output kurtosis on val windows {kurtosis[0.0]:.1f} -> {kurtosis[0.01]:.1f}")
     assert peak[0.01] < peak[0.0] / 3
+
+
+@pytest.mark.parametrize("option", [["--attn_bias=True"], ["--clipped_softmax_gamma=-0.03"]], ids=["attn_bias", "clipped_softmax"])
+def test_invasive_options_train_under_zero3_in_fp8_and_round_trip(demo_data, tmp_path, option):
+    """2 ranks, ZeRO-3, emulated FP8: the run trains, and load_trained rebuilds the option
+    from the run's model_args, from both the consolidated file and the ZeRO-3 shards, with
+    the val loss train.py logged."""
+    import data as D
+    from precision import make_backend
+
+    out_dir = str(tmp_path / "run")
+    train(2, f"--data_dir={demo_data}", f"--out_dir={out_dir}", "--precision=fp8", "--fp8_backend=emulated", *option,
+          "--max_iters=4", "--log_interval=1", "--eval_interval=4", "--ckpt_interval=4", "--act_stats_interval=0",
+          "--warmup_iters=1", "--lr_decay_iters=4")
+    rows = metrics(out_dir)
+    assert [r["iter"] for r in rows if "loss" in r] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+    backend = make_backend("fp8", "emulated")
+    model, info = load_trained(out_dir, "last", backend=backend)
+    shards, _ = load_trained(out_dir, "iter_0000004", backend=backend)
+    key, value = option[0][2:].split("=")
+    assert getattr(model.config, key) == getattr(shards.config, key) == (True if value == "True" else float(value))
+    a, b = model.state_dict(), shards.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if ".fp8_" not in k)  # bf16 copies of the same fp32 master
+    if key == "attn_bias":
+        k_bias = model.transformer.h[0].attn.k_bias
+        assert k_bias.shape == (2, 1, 32) and k_bias.float().abs().max().item() > 0
+    cfg = info["config"]
+    val = D.open_split(demo_data, "val", cfg["block_size"], cfg["vocab_size"])
+    offsets = D.val_offsets(cfg["seed"], cfg["eval_windows"], len(val), cfg["block_size"])
+    loss = D.evaluate(model, val, offsets, cfg["block_size"], cfg["micro_batch_size"], torch.device("cpu"), lambda: backend.autocast(model))
+    logged = [r["val_loss"] for r in rows if "val_loss" in r][-1]
+    assert abs(loss - logged) < 1e-3, (loss, logged)
