@@ -31,6 +31,14 @@ def table_rows(summaries, varied, fixed):
     return [(s, None) for s in base] + sorted(((s, s["config"][varied]) for s in tweo), key=lambda r: r[1])
 
 
+def status(s):
+    """What the PPL cell must say beside the number: a collapse (its PPL is the best evaluation
+    before it, '-' if there was none) or a run still under way."""
+    if s["collapse_iter"] is not None:
+        return f" (collapsed at iter {s['collapse_iter']}" + (f"; best before, iter {s['ppl_iter']})" if s["ppl"] else ")")
+    return "" if s["finished"] else f" (unfinished: iter {s['last_iter']} of {s['max_iters']})"
+
+
 def describe(s):
     c = s["config"]
     mode = s["precision"].upper()
@@ -48,15 +56,15 @@ def main(argv):
             paper = value is not None and all(s["config"][k] == v for k, v in PAPER_TWEO.items() if k != "tweo_lambda")
             label = "–" if value is None else f"{value:g}"
             rows.append([describe(s) + (" †" if value is None else " #" if paper else ""), label,
-                         fmt(s["ppl"], ".2f") + ("" if s["finished"] else " (unfinished)"),
+                         fmt(s["ppl"], ".2f") + status(s),
                          format_peak(s["peak"]), format_peak(s["final_act"])])
             out.append({"run": s["out_dir"], symbol: value, "ppl": s["ppl"], "peak": s["peak"], "final": s["final_act"],
-                        "finished": s["finished"]})
+                        "finished": s["finished"], "collapse_iter": s["collapse_iter"]})
         print(f"\n{title}\n")
         print(markdown(["Model", symbol, "PPL ↓", "Peak", "Final"], rows))
         result[varied] = out
     print("\n†: trained without TWEO. #: the paper's setting (τ = 3, p = 4). PPL: validation perplexity at the "
-          "end of training. Peak: the largest |block output| during training; Final: at the last logged iteration.")
+          "end of training (of a collapsed run: its best evaluation before the collapse). Peak: the largest |block output| during training; Final: at the last logged iteration.")
     if opts["json"]:
         print(json.dumps(result))
     return result

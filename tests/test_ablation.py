@@ -32,4 +32,16 @@ def test_rows_by_tau_and_p_with_the_baseline_and_the_papers_setting_marked(tmp_p
 
 def test_an_unfinished_run_is_marked(tmp_path, capsys):
     ablation([write_run(tmp_path / "u", [eval_row(10, 25.0), train_row(10, 1.0, act_peak=4.0)], max_iters=20)])
-    assert "| GPT 2L×64 (BF16) † | – | 25.00 (unfinished) | 4.0 | 4.0 |" in capsys.readouterr().out
+    assert "| GPT 2L×64 (BF16) † | – | 25.00 (unfinished: iter 10 of 20) | 4.0 | 4.0 |" in capsys.readouterr().out
+
+
+def test_a_collapsed_run_shows_its_best_evaluation_before_the_collapse_or_none(tmp_path, capsys):
+    collapse = {"iter": 15, "event": "collapse", "loss": 30.0}
+    early = write_run(tmp_path / "e", [train_row(10, 1.0, act_peak=5.0), collapse], tweo_lambda=0.01, tweo_tau=1.0)
+    late = write_run(tmp_path / "l", [eval_row(10, 40.0), eval_row(12, 45.0), train_row(12, 1.0, act_peak=9.0), collapse],
+                     tweo_lambda=0.01, tweo_tau=5.0)
+    result = ablation([early, late, "--json"])
+    out = capsys.readouterr().out
+    assert "| 1 | - (collapsed at iter 15) | 5.0 | 5.0 |" in out
+    assert "| 5 | 40.00 (collapsed at iter 15; best before, iter 10) | 9.0 | 9.0 |" in out
+    assert [r["collapse_iter"] for r in result["tweo_tau"]] == [15, 15]
