@@ -562,8 +562,10 @@ if resume_tag:
         # (the emulated and torch backends' FP8 scaling state) come from the model states themselves
         model_states = sorted(f for f in os.listdir(os.path.join(ckpt_dir, resume_tag)) if f.endswith("model_states.pt"))
         saved = torch.load(os.path.join(ckpt_dir, resume_tag, model_states[0]), map_location=device, weights_only=False)["module"]
+        persistent = raw_model.state_dict().keys()  # saturation flags are per micro-batch, never saved
         for n, b in raw_model.named_buffers():
-            b.copy_(saved[n])
+            if n in persistent:
+                b.copy_(saved[n])
     else:
         _, client = engine.load_checkpoint(ckpt_dir, tag=resume_tag)  # copies into the fp32 FP8 buffers as they are
     if backend.name == "te":  # TE's scaling state, saved as plain tensors in the client state

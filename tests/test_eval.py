@@ -113,7 +113,7 @@ def test_best_and_last_are_different_checkpoints_when_the_last_evaluation_is_wor
     out_dir = str(tmp_path / "run")
     train(1, f"--data_dir={demo_data}", f"--out_dir={out_dir}", "--max_iters=5", "--eval_interval=4",
           "--ckpt_interval=4", "--log_interval=1", "--warmup_iters=1", "--lr_decay_iters=5", "--learning_rate=0.05",
-          "--min_lr=0.05", "--eval_iters=1", "--collapse_factor=100")
+          "--min_lr=0.05", "--eval_windows=8", "--collapse_factor=100")
     logged = {r["iter"]: r["val_loss"] for r in metrics(out_dir) if "val_loss" in r}
     assert list(logged) == [4, 5] and logged[5] > logged[4] + 0.02, logged  # the premise of this test
     best, last = run_eval(f"--out_dir={out_dir}", "--ckpt=best"), run_eval(f"--out_dir={out_dir}", "--ckpt=last")
