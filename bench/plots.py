@@ -66,13 +66,13 @@ def panels(n, width=5.0, height=4.0):
 
 
 def log_y(ax):
-    """Log y-axis with plain numbers, and ticks close enough to read values off: every
-    1..9 x 10^k within one decade, 1-2-5 steps within two (the default would label only
-    one or two powers of ten, in 10^x form)."""
+    """Log y-axis with plain numbers, and ticks close enough to read values off: 1-1.5-2-3-5-7
+    steps within two decades, finer within one (the default would label only one or two
+    powers of ten, in 10^x form; 1-2-5 leaves curves that end between 10 and 20 unlabelled)."""
     ax.set_yscale("log")
     low, high = ax.get_ylim()
     if high / low < 100:
-        subs = (1.0, 2.0, 5.0) if high / low >= 10 else (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0)
+        subs = (1.0, 1.5, 2.0, 3.0, 5.0, 7.0) if high / low >= 10 else (1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0)
         ax.yaxis.set_major_locator(ticker.LogLocator(subs=subs))
         ax.yaxis.set_minor_formatter(ticker.NullFormatter())
     ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
