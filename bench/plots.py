@@ -72,7 +72,8 @@ def log_y(ax):
     ax.set_yscale("log")
     low, high = ax.get_ylim()
     if high / low < 100:
-        subs = (1.0, 1.5, 2.0, 3.0, 5.0, 7.0) if high / low >= 10 else (1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0)
+        subs = (1.0, 1.5, 2.0, 3.0, 5.0, 7.0) if high / low >= 10 else (1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0) \
+            if high / low >= 3 else tuple(m / 2 for m in range(2, 20))  # under a factor 3: steps of 0.5 x 10^k
         ax.yaxis.set_major_locator(ticker.LogLocator(subs=subs))
         ax.yaxis.set_minor_formatter(ticker.NullFormatter())
     ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
