@@ -81,15 +81,16 @@ def tweo_penalty(a, tau=3.0, p=4.0, eps=1e-6):
     return TWEOPenalty.apply(a, tau, p, eps)
 
 
-def clipped_softmax_attention(q, k, v, mask, gamma, zeta, dropout_p=0.0):
+def clipped_softmax_attention(q, k, v, mask, gamma, zeta, dropout_p=0.0, matmul=torch.matmul):
     """Attention with the clipped softmax of Bondarenko et al. 2023 (Eq. 4.1),
     clip((zeta - gamma) * softmax(q k^T / sqrt(d)) + gamma, 0, 1), which reaches exact zeros
     (a head doing nothing) at finite logits. mask (T, S): True where a query sees a key; a
-    hidden key has softmax 0, stretched to gamma <= 0 and clipped back to 0."""
-    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
+    hidden key has softmax 0, stretched to gamma <= 0 and clipped back to 0. `matmul` is the
+    backend's (bf16 products in fp32 on CPUs without native bf16 GEMMs)."""
+    att = matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
     att = F.softmax(att.masked_fill(~mask, float("-inf")), dim=-1, dtype=torch.promote_types(att.dtype, torch.float32))
     att = ((zeta - gamma) * att + gamma).clamp_(0.0, 1.0)
-    return F.dropout(att, dropout_p).to(v.dtype) @ v
+    return matmul(F.dropout(att, dropout_p).to(v.dtype), v)
 
 
 class CausalSelfAttention(nn.Module):
@@ -112,7 +113,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
         self.clip = (gamma, zeta) if (gamma, zeta) != (0.0, 1.0) else None
-        self.attn_bias = config.attn_bias
+        self.attn_bias, self.matmul = config.attn_bias, backend.matmul
         if config.attn_bias:  # created with their init here, for zero.Init (see GPT)
             head_shape = (config.n_head, 1, config.n_embd // config.n_head)
             self.k_bias = nn.Parameter(torch.empty(head_shape).normal_(0.0, 0.02))
@@ -132,7 +133,7 @@ class CausalSelfAttention(nn.Module):
         if self.clip is None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout_p)
         else:
-            y = clipped_softmax_attention(q, k, v, mask, *self.clip, dropout_p)
+            y = clipped_softmax_attention(q, k, v, mask, *self.clip, dropout_p, self.matmul)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 

@@ -20,6 +20,11 @@ Four backends, chosen by make_backend():
 
 All four use Transformer Engine's parameter names (layer_norm_weight, layer_norm_bias,
 weight, bias), so a checkpoint trained with one loads into the others.
+
+On CPUs without native bf16 GEMMs (AVX2 only: no AVX512-BF16, no AMX) torch's bf16 matrix
+products are 4-40x slower than fp32 ones. There the bf16 and emulated FP8 backends compute
+every GEMM with bf16 semantics as an fp32 GEMM on the bf16 (or FP8) operand values, rounded
+once to bf16: the same arithmetic up to accumulation order (see choose_cpu_gemm).
 """
 import contextlib
 
@@ -34,25 +39,110 @@ ROLE_DTYPES = (E4M3, E4M3, E5M2)
 
 
 # ----------------------------------------------------------------------------------------
+# Where a bf16 GEMM runs on a CPU. A bf16 GEMM with fp32 accumulation is an fp32 GEMM on
+# bf16-rounded operands whose output is rounded once to bf16 (up to accumulation order),
+# and every bf16, E4M3 and E5M2 value is exact in fp32. So on a CPU whose bf16 GEMMs fall
+# back to slow kernels, 'fp32' computes them that way: the run's numerics stay bf16 or FP8.
+
+CPU_GEMMS = ("auto", "native", "fp32")
+
+
+def choose_cpu_gemm(cpu_gemm="auto", device_type="cpu", native_bf16=None):
+    """(path, why): 'native' (torch's bf16 kernels) or 'fp32' (fp32 GEMMs on the bf16/FP8
+    values, one rounding to bf16) for GEMMs with bf16 semantics. 'auto' asks oneDNN whether
+    this CPU has native bf16 GEMMs (`native_bf16` overrides the answer, for tests). Only
+    CPUs have a choice: a GPU always runs its own bf16 / FP8 GEMMs."""
+    if cpu_gemm not in CPU_GEMMS:
+        raise ValueError(f"cpu_gemm must be one of {', '.join(CPU_GEMMS)}, got {cpu_gemm!r}")
+    if device_type != "cpu":
+        return "native", f"GEMMs run on the {device_type} device (cpu_gemm applies to CPUs only)"
+    if cpu_gemm != "auto":
+        return cpu_gemm, f"cpu_gemm={cpu_gemm}"
+    if native_bf16 is None:
+        native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if native_bf16:
+        return "native", "this CPU has native bf16 GEMMs"
+    return "fp32", "this CPU has no native bf16 GEMMs (no AVX512-BF16 or AMX): bf16 GEMMs as fp32 GEMMs on bf16 values"
+
+
+def gemm_dtype(x):
+    """The dtype a GEMM on x runs in: the autocast dtype inside autocast, else x's own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class _BF16LinearInFP32(torch.autograd.Function):
+    """y = x @ w.T + b on bf16 x, w, b as bf16 autocast computes it (fp32 accumulation, one
+    rounding to bf16 per output), with fp32 GEMMs: forward, dgrad and wgrad each take their
+    bf16 operands' exact values in fp32 and round their output once to bf16. Saves x and w
+    in bf16, as the native path does."""
+
+    @staticmethod
+    @torch.autocast("cpu", enabled=False)
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(torch.bfloat16)
+
+    @staticmethod
+    @torch.autocast("cpu", enabled=False)
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.shape[-1]).float()
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g @ weight.float()).to(torch.bfloat16).reshape(x.shape)
+        if ctx.needs_input_grad[1]:
+            grad_w = (g.t() @ x.reshape(-1, x.shape[-1]).float()).to(torch.bfloat16)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g.sum(0).to(torch.bfloat16)
+        return grad_x, grad_w, grad_b
+
+
+def linear(x, weight, bias, cpu_gemm="native"):
+    """F.linear, with bf16 GEMMs on a CPU computed in fp32 when cpu_gemm is 'fp32'. The
+    operands are first rounded to bf16 as autocast rounds them; the casts are autograd ops,
+    so fp32 master weights get fp32 gradients, as under autocast."""
+    if cpu_gemm != "fp32" or x.device.type != "cpu" or gemm_dtype(x) != torch.bfloat16:
+        return F.linear(x, weight, bias)
+    bf16 = lambda t: None if t is None else t.to(torch.bfloat16)  # noqa: E731
+    return _BF16LinearInFP32.apply(bf16(x), bf16(weight), bf16(bias))
+
+
+def matmul(a, b, cpu_gemm="native"):
+    """a @ b (batched), with a bf16 product on a CPU computed as an fp32 product of the bf16
+    values rounded once to bf16 when cpu_gemm is 'fp32' (attention's explicit path)."""
+    if cpu_gemm != "fp32" or a.device.type != "cpu" or gemm_dtype(a) != torch.bfloat16:
+        return a @ b
+    with torch.autocast("cpu", enabled=False):
+        return (a.to(torch.bfloat16).float() @ b.to(torch.bfloat16).float()).to(torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------
 # bf16: plain torch layers. They initialise themselves in __init__ (not in a later
 # model.apply) because under DeepSpeed's zero.Init a module's parameters are partitioned
 # as soon as its own __init__ returns.
 
 class Linear(nn.Linear):
-    def __init__(self, in_features, out_features, bias=True, init_std=0.02):
+    def __init__(self, in_features, out_features, bias=True, init_std=0.02, cpu_gemm="native"):
         super().__init__(in_features, out_features, bias=bias)
         nn.init.normal_(self.weight, mean=0.0, std=init_std)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
+        self.cpu_gemm = cpu_gemm
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias, self.cpu_gemm)
 
 
 class LayerNormLinear(nn.Module):
     """LayerNorm then Linear in one module, as te.LayerNormLinear (same parameter names).
     The LayerNorm always has a bias, as in TE; `bias` toggles the Linear's bias."""
 
-    def __init__(self, in_features, out_features, bias=True, init_std=0.02, eps=1e-5):
+    def __init__(self, in_features, out_features, bias=True, init_std=0.02, eps=1e-5, cpu_gemm="native"):
         super().__init__()
-        self.in_features, self.out_features, self.eps = in_features, out_features, eps
+        self.in_features, self.out_features, self.eps, self.cpu_gemm = in_features, out_features, eps, cpu_gemm
         self.layer_norm_weight = nn.Parameter(torch.ones(in_features))
         self.layer_norm_bias = nn.Parameter(torch.zeros(in_features))
         self.weight = nn.Parameter(torch.empty(out_features, in_features).normal_(0.0, init_std))
@@ -62,16 +152,21 @@ class LayerNormLinear(nn.Module):
         return F.layer_norm(x, (self.in_features,), self.layer_norm_weight, self.layer_norm_bias, self.eps)
 
     def forward(self, x):
-        return F.linear(self.layer_norm(x), self.weight, self.bias)
+        return linear(self.layer_norm(x), self.weight, self.bias, self.cpu_gemm)
 
 
 class BF16Backend:
     name = "bf16"
-    Linear = Linear
-    LayerNormLinear = LayerNormLinear
 
-    def __init__(self, device_type="cpu"):
+    def __init__(self, device_type="cpu", cpu_gemm="auto"):
         self.device_type = device_type
+        self.cpu_gemm, self.cpu_gemm_why = choose_cpu_gemm(cpu_gemm, device_type)
+        kw = dict(cpu_gemm=self.cpu_gemm)
+        self.Linear = lambda i, o, bias=True, init_std=0.02: Linear(i, o, bias, init_std, **kw)
+        self.LayerNormLinear = lambda i, o, bias=True, init_std=0.02: LayerNormLinear(i, o, bias, init_std, **kw)
+
+    def matmul(self, a, b):
+        return matmul(a, b, self.cpu_gemm)
 
     def autocast(self, model=None):
         return torch.autocast(device_type=self.device_type, dtype=torch.bfloat16)
@@ -139,23 +234,31 @@ class EmulatedGemm:
     """a @ b on FP8 operands with per-tensor dequantization factors (1/scale): bf16 GEMM on
     the exact FP8 values, fp32 accumulation, factors and bias applied before one rounding.
     widen() gives an operand the GEMM's dtype once, where it is used twice (CPU float8
-    conversions are slow)."""
+    conversions are slow). `bf16_gemm_dtype` is the dtype a GEMM with bf16 output runs in."""
+    bf16_gemm_dtype = torch.bfloat16
 
-    @staticmethod
-    def widen(q, out_dtype):
-        return q.to(torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32)
+    @classmethod
+    def widen(cls, q, out_dtype):
+        return q.to(cls.bf16_gemm_dtype if out_dtype == torch.bfloat16 else torch.float32)
 
     @staticmethod
     def operands(a, b):
         return a, b  # any layout
 
-    @staticmethod
-    def mm(a, b, a_inv, b_inv, out_dtype, bias=None):
-        a, b = EmulatedGemm.widen(a, out_dtype), EmulatedGemm.widen(b, out_dtype)
+    @classmethod
+    def mm(cls, a, b, a_inv, b_inv, out_dtype, bias=None):
+        a, b = cls.widen(a, out_dtype), cls.widen(b, out_dtype)
         alpha = (a_inv * b_inv).item()
         if bias is None:
             return torch.addmm(torch.zeros((), dtype=a.dtype, device=a.device), a, b, beta=0, alpha=alpha).to(out_dtype)
-        return torch.addmm(bias.to(a.dtype), a, b, alpha=alpha).to(out_dtype)
+        # the bias in the output's precision (bf16 under autocast), added before the one rounding
+        return torch.addmm(bias.to(out_dtype).to(a.dtype), a, b, alpha=alpha).to(out_dtype)
+
+
+class EmulatedGemmInFP32(EmulatedGemm):
+    """The emulated GEMM for CPUs without native bf16 GEMMs (cpu_gemm='fp32'): the same exact
+    FP8 values and fp32 accumulation, in an fp32 GEMM; one rounding to the output dtype."""
+    bf16_gemm_dtype = torch.float32
 
 
 def _row_major(t):
@@ -363,9 +466,12 @@ class EmulatedFP8Backend:
     name = "emulated"
     gemm = EmulatedGemm
 
-    def __init__(self, recipe="delayed", amax_history_len=16, amax_compute_algo="max", device_type="cpu"):
+    def __init__(self, recipe="delayed", amax_history_len=16, amax_compute_algo="max", device_type="cpu",
+                 cpu_gemm="auto"):
         self.recipe, self.device_type = recipe, device_type
-        kw = dict(recipe=recipe, history_len=amax_history_len, compute_algo=amax_compute_algo, gemm=self.gemm)
+        self.cpu_gemm, self.cpu_gemm_why = choose_cpu_gemm(cpu_gemm, device_type)
+        gemm = EmulatedGemmInFP32 if self.gemm is EmulatedGemm and self.cpu_gemm == "fp32" else self.gemm
+        kw = dict(recipe=recipe, history_len=amax_history_len, compute_algo=amax_compute_algo, gemm=gemm)
         self.Linear = lambda i, o, bias=True, init_std=0.02: FP8Linear(i, o, bias, init_std, **kw)
         self.LayerNormLinear = lambda i, o, bias=True, init_std=0.02: FP8LayerNormLinear(i, o, bias, init_std, **kw)
 
@@ -379,6 +485,9 @@ class EmulatedFP8Backend:
         with torch.autocast(device_type=self.device_type, dtype=torch.bfloat16):
             yield
 
+    def matmul(self, a, b):
+        return matmul(a, b, self.cpu_gemm)
+
     def checkpoint(self, fn, *args):
         return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
 
@@ -388,7 +497,8 @@ class EmulatedFP8Backend:
 
 class TorchFP8Backend(EmulatedFP8Backend):
     """The emulated backend's layers and scaling state, with real FP8 GEMMs (torch._scaled_mm):
-    fprop E4M3 x E4M3, dgrad and wgrad E5M2 x E4M3, bf16 output."""
+    fprop E4M3 x E4M3, dgrad and wgrad E5M2 x E4M3, bf16 output, whatever cpu_gemm says
+    (which then only applies to attention's explicit products)."""
     name = "torch"
     gemm = ScaledMMGemm
 
@@ -545,6 +655,7 @@ class SaturationCounter:
 
 class TransformerEngineBackend:
     name = "te"
+    cpu_gemm, cpu_gemm_why = "native", "Transformer Engine runs on the GPU"
 
     def __init__(self, recipe="delayed", amax_history_len=16, amax_compute_algo="max", amax_reduction_group=None):
         import transformer_engine.pytorch as te
@@ -575,6 +686,9 @@ class TransformerEngineBackend:
         if hasattr(self.te, "autocast"):  # TE >= 2.9
             return self.te.autocast(enabled=True, recipe=self.recipe, amax_reduction_group=group)
         return self.te.fp8_autocast(enabled=True, fp8_recipe=self.recipe, fp8_group=group)
+
+    def matmul(self, a, b):
+        return a @ b
 
     def checkpoint(self, fn, *args):
         # TE's checkpoint keeps the amax bookkeeping right across the recompute
@@ -638,11 +752,12 @@ def choose_fp8_backend(fp8_backend="auto", capability=None, te_check=te_availabl
 
 
 def make_backend(precision="bf16", fp8_backend="auto", fp8_recipe="delayed",
-                 fp8_amax_history_len=16, fp8_amax_compute_algo="max", device_type="cpu"):
+                 fp8_amax_history_len=16, fp8_amax_compute_algo="max", device_type="cpu", cpu_gemm="auto"):
     """The backend for a precision. FP8 backends carry a `note` (one line, empty when there is
-    nothing to say) on why fp8_backend='auto' chose what it chose."""
+    nothing to say) on why fp8_backend='auto' chose what it chose. Every backend says where
+    its bf16 GEMMs run (`cpu_gemm`: 'native' or 'fp32') and why (`cpu_gemm_why`)."""
     if precision == "bf16":
-        return BF16Backend(device_type)
+        return BF16Backend(device_type, cpu_gemm)
     if precision != "fp8":
         raise ValueError(f"precision must be 'bf16' or 'fp8', got {precision!r}")
     if fp8_recipe not in ("delayed", "current"):
@@ -661,7 +776,7 @@ def make_backend(precision="bf16", fp8_backend="auto", fp8_recipe="delayed",
         backend = TransformerEngineBackend(fp8_recipe, fp8_amax_history_len, fp8_amax_compute_algo)
     else:
         cls = TorchFP8Backend if fp8_backend == "torch" else EmulatedFP8Backend
-        backend = cls(fp8_recipe, fp8_amax_history_len, fp8_amax_compute_algo, device_type)
+        backend = cls(fp8_recipe, fp8_amax_history_len, fp8_amax_compute_algo, device_type, cpu_gemm)
     backend.note = note
     return backend
 

@@ -63,6 +63,7 @@ fp8_backend = "auto"  # 'auto' (FP8 GPU: TE if usable, else 'torch'; elsewhere e
 fp8_recipe = "delayed"  # 'delayed' (TE DelayedScaling) or 'current' (Float8CurrentScaling)
 fp8_amax_history_len = 16
 fp8_amax_compute_algo = "max"
+cpu_gemm = "auto"  # CPU only: 'fp32' computes bf16/FP8 GEMMs as fp32 GEMMs on their values, 'native' in bf16, 'auto' asks the CPU
 # TWEO
 tweo_lambda = 0.0  # 0.01 in the paper; 0 disables the term entirely
 tweo_tau = 3.0
@@ -161,6 +162,7 @@ CHECKS = [
     ("fp8_recipe", *one_of("delayed", "current")),
     ("fp8_amax_history_len", lambda v: v >= 1, ">= 1"),
     ("fp8_amax_compute_algo", *one_of("max", "most_recent")),
+    ("cpu_gemm", *one_of("auto", "native", "fp32")),  # precision.CPU_GEMMS
     ("tweo_lambda", lambda v: v >= 0, ">= 0 (0: off)"),
     ("tweo_tau", lambda v: v > 0, "> 0"),
     ("tweo_p", lambda v: v > 0, "> 0"),
@@ -308,7 +310,11 @@ if convert_from:
         die(f"converting {ckpt_dir}/{resume_tag} to a universal checkpoint failed (above); "
             f"after fixing the cause run `{' '.join(convert)}` and resume again", status=1)
 
-backend = make_backend(precision, fp8_backend, fp8_recipe, fp8_amax_history_len, fp8_amax_compute_algo, device.type)
+backend = make_backend(precision, fp8_backend, fp8_recipe, fp8_amax_history_len, fp8_amax_compute_algo, device.type,
+                       cpu_gemm)
+cpu_gemm_path = {"path": backend.cpu_gemm, "why": backend.cpu_gemm_why}  # in run.json and the resume event
+if master:  # a property of the device: the numerics stay bf16 or FP8 either way
+    print(f"GEMM path: {backend.cpu_gemm} ({backend.cpu_gemm_why})")
 if master and precision == "fp8" and backend.note:
     print(f"note: {backend.note}")
 if master and precision == "fp8" and backend.name == "emulated":  # on every device, GPU or not
@@ -584,14 +590,15 @@ if resume_tag:
         print(f"resuming from {ckpt_dir}/{resume_tag} at iter {iter_num}"
               + (f" (saved on {convert_from} ranks, loaded through its universal checkpoint)" if convert_from else ""))
     log_metrics({"iter": iter_num, "event": "resume", "tag": resume_tag, "saved_world_size": convert_from or world_size,
-                 "world_size": world_size, "fp8_state_sum": fp8_state_sum()})
+                 "world_size": world_size, "fp8_state_sum": fp8_state_sum(), "gemm_path": cpu_gemm_path})
 elif init_from == "resume":
     if master:
         print(f"{out_dir} was stopped before its first checkpoint: starting again from iter 0")
-    log_metrics({"iter": 0, "event": "resume", "tag": None, "world_size": world_size})
+    log_metrics({"iter": 0, "event": "resume", "tag": None, "world_size": world_size, "gemm_path": cpu_gemm_path})
 elif master:
     os.makedirs(out_dir, exist_ok=True)
-    write_atomic(run_json, json.dumps({"config": config, "model_args": model_args, "world_size": world_size}, indent=2))
+    write_atomic(run_json, json.dumps({"config": config, "model_args": model_args, "world_size": world_size,
+                                       "gemm_path": cpu_gemm_path}, indent=2))
 
 n_params = raw_model.get_num_params(non_embedding=False)
 if master:

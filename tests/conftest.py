@@ -70,6 +70,16 @@ def runs(demo_data, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def demo_compact_data(tmp_path_factory):
+    """The demo corpus on its compact vocabulary (5,171 ids, vocab_size 5184): configs/tiny.py with an
+    LM head 10x smaller, for runs that must also be affordable on slow bf16 kernels."""
+    d = tmp_path_factory.mktemp("data") / "demo_compact"
+    subprocess.run([sys.executable, "prepare_openwebtext.py", "--demo", "--compact_vocab", f"--out_dir={d}"], cwd=REPO,
+                   check=True, capture_output=True)
+    return str(d)
+
+
+@pytest.fixture(scope="session")
 def collapsed_run(demo_data, tmp_path_factory):
     """A 1-rank FP8 run of the `runs` schedule whose loss is made NaN at iteration 10: it
     collapses at iter 11, after one evaluation (iter 8)."""

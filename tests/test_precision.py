@@ -9,8 +9,9 @@ import torch
 import torch.multiprocessing as mp
 
 from model import GPT, GPTConfig
-from precision import (E4M3, E5M2, TE_ROLE_SLOTS, EmulatedGemm, FP8LayerNormLinear, FP8Linear, LayerNormLinear,
-                       SaturationCounter, ScaledMMGemm, amax_of, choose_fp8_backend, dequantize, fp8_layers,
+from precision import (E4M3, E5M2, TE_ROLE_SLOTS, EmulatedGemm, EmulatedGemmInFP32, FP8LayerNormLinear, FP8Linear,
+                       LayerNormLinear, Linear, SaturationCounter, ScaledMMGemm, amax_of, choose_cpu_gemm,
+                       choose_fp8_backend, dequantize, fp8_layers, matmul,
                        fp8_shape_error, fp8_telemetry, keep_fp8_state_fp32, make_backend, quantize, scaled_mm_error,
                        te_available, te_fp8_state, update_fp8_scales)
 
@@ -151,7 +152,8 @@ def fp8_linear_case(layer_cls, gemm, autocast, frozen=None):
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
-@pytest.mark.parametrize("gemm", [EmulatedGemm, ScaledMMGemm], ids=["emulated", "torch_scaled_mm"])
+@pytest.mark.parametrize("gemm", [EmulatedGemm, EmulatedGemmInFP32, ScaledMMGemm],
+                         ids=["emulated", "emulated_in_fp32", "torch_scaled_mm"])
 @pytest.mark.parametrize("layer_cls", [FP8Linear, FP8LayerNormLinear], ids=["Linear", "LayerNormLinear"])
 def test_fp8_linear_equals_quantize_then_matmul(layer_cls, gemm, autocast):
     """Output, dx and dw against an explicit reference: x and w cast to E4M3, the output gradient
@@ -606,6 +608,139 @@ def test_fp8_shape_rules():
     assert "multiples of 16" in fp8_shape_error(768, 50257, 1024, "torch")
     assert fp8_shape_error(768, 50304, 24, "te") is None and "multiple of 16" in fp8_shape_error(768, 50304, 24, "torch")
     assert "multiple of 8" in fp8_shape_error(768, 50304, 12, "te")
+
+
+# ---- cpu_gemm: bf16 GEMMs as fp32 GEMMs on CPUs without native bf16, the same numerics ----
+
+def test_the_gemm_path_is_chosen_once_from_the_cpu_and_can_be_forced():
+    assert choose_cpu_gemm("auto", "cpu", native_bf16=True)[0] == "native"
+    path, why = choose_cpu_gemm("auto", "cpu", native_bf16=False)
+    assert path == "fp32" and "no native bf16" in why
+    assert choose_cpu_gemm("auto", "cpu")[0] == ("native" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32")
+    assert choose_cpu_gemm("native", "cpu", native_bf16=False) == ("native", "cpu_gemm=native")
+    assert choose_cpu_gemm("fp32", "cpu", native_bf16=True) == ("fp32", "cpu_gemm=fp32")
+    assert choose_cpu_gemm("fp32", "cuda")[0] == "native"  # a GPU runs its own kernels
+    with pytest.raises(ValueError, match="cpu_gemm must be one of auto, native, fp32"):
+        choose_cpu_gemm("bf16")
+    for precision, fp8_backend in (("bf16", "auto"), ("fp8", "emulated"), ("fp8", "torch")):
+        for path in ("native", "fp32"):
+            backend = make_backend(precision, fp8_backend, cpu_gemm=path)
+            assert (backend.cpu_gemm, backend.cpu_gemm_why) == (path, f"cpu_gemm={path}")
+            layers = [backend.Linear(16, 16), backend.LayerNormLinear(16, 16)]
+            if precision == "bf16":
+                assert [m.cpu_gemm for m in layers] == [path, path]
+            else:  # the emulation's GEMM follows the path; torch._scaled_mm is FP8 either way
+                expected = ScaledMMGemm if fp8_backend == "torch" else EmulatedGemmInFP32 if path == "fp32" else EmulatedGemm
+                assert [m.fp8_gemm for m in layers] == [expected, expected]
+
+
+def bf16_ulp(t):
+    """The spacing of bf16 numbers at |t| (8 significant bits), elementwise, in float64."""
+    mantissa, exponent = torch.frexp(t.double().abs())
+    return torch.ldexp(torch.ones_like(mantissa), exponent - 8)
+
+
+def assert_one_bf16_rounding_apart(native, fp32, a, b, name, bias=None):
+    """native and fp32 are two roundings to bf16 of the product a @ b (+ bias) accumulated in fp32
+    in two orders: at most one bf16 step apart, plus what fp32 accumulation can move the value
+    before its rounding ((K + 8) u (|a| @ |b| + |bias|)). A missing operand rounding or a second
+    output rounding is far outside this."""
+    assert native.dtype == fp32.dtype == torch.bfloat16, name
+    accumulation = (a.shape[-1] + 8) * U32 * (a.double().abs() @ b.double().abs()
+                                              + (0 if bias is None else bias.double().abs()))
+    gap = (native.double() - fp32.double()).abs().reshape(accumulation.shape)
+    top = torch.maximum(native.double().abs(), fp32.double().abs()).reshape(accumulation.shape)
+    worst = (gap / (bf16_ulp(top) + 2 * accumulation).clamp_min(1e-30)).max().item()
+    assert worst <= 1.0, f"{name}: {worst:.3g} x one bf16 rounding apart"
+    print(f"{name}: {(gap > 0).double().mean().item():.2%} of the elements differ (by one bf16 step)")
+
+
+def recording(gemm):
+    """The GEMM class, recording the bits of every FP8 operand it is given."""
+    seen = []
+
+    class Recording(gemm):
+        @classmethod
+        def widen(cls, q, out_dtype):
+            if q.dtype in (E4M3, E5M2):
+                seen.append((q.dtype, q.view(torch.uint8).clone()))
+            return super().widen(q, out_dtype)
+    return Recording, seen
+
+
+@pytest.mark.parametrize("layer_cls", [FP8Linear, FP8LayerNormLinear], ids=["Linear", "LayerNormLinear"])
+def test_fp8_layers_quantize_identically_on_both_gemm_paths(layer_cls):
+    """A training step of the same FP8 layer, input and output gradient with the emulated GEMM in
+    bf16 (native) and in fp32: the FP8 operands (input, weight, gradient) are the same bits, and
+    the output, dx and dw are one bf16 rounding of the same products apart."""
+    runs = {}
+    for path, gemm in (("native", EmulatedGemm), ("fp32", EmulatedGemmInFP32)):
+        gemm, seen = recording(gemm)
+        runs[path] = (*fp8_linear_case(layer_cls, gemm, autocast=True), seen)
+    (ln, x, g, gemm_input, scales, y, seen), (lf, xf, _, _, _, yf, seen_f) = runs["native"], runs["fp32"]
+    assert [d for d, _ in seen] == [E4M3, E4M3, E5M2] and [d for d, _ in seen_f] == [d for d, _ in seen]
+    for (_, q), (_, qf) in zip(seen, seen_f):
+        assert torch.equal(q, qf)  # bit-identical FP8 operands
+    assert torch.equal(ln.fp8_amax_pending, lf.fp8_amax_pending) and torch.equal(ln.fp8_saturated, lf.fp8_saturated)
+    sx, sw, sg = scales
+    xq = cast_reference(gemm_input.reshape(-1, 64), sx, E4M3).double() / sx.double()
+    wq = cast_reference(ln.weight.detach(), sw, E4M3).double() / sw.double()
+    gq = cast_reference(g.reshape(-1, 32), sg, E5M2).double() / sg.double()
+    assert_one_bf16_rounding_apart(y.detach(), yf.detach(), xq, wq.t(), "output", ln.bias.detach().bfloat16())
+    assert_one_bf16_rounding_apart(ln.weight.grad.bfloat16(), lf.weight.grad.bfloat16(), gq.t(), xq, "dw")
+    if layer_cls is FP8Linear:
+        assert_one_bf16_rounding_apart(x.grad.bfloat16(), xf.grad.bfloat16(), gq, wq, "dx")
+    # the bias gradient comes from the unquantized gradient, the same on both paths
+    assert torch.equal(ln.bias.grad, lf.bias.grad)
+
+
+@pytest.mark.parametrize("weights", ["fp32_masters", "bf16"])
+@pytest.mark.parametrize("layer_cls", [Linear, LayerNormLinear], ids=["Linear", "LayerNormLinear"])
+def test_bf16_layers_compute_the_same_gemms_on_both_paths(layer_cls, weights):
+    """The BF16 backend's layers under bf16 autocast, forward and backward, with fp32 master weights
+    (autocast rounds them to bf16) or bf16 weights (as under DeepSpeed): the fp32 path's output and
+    gradients have the native path's dtypes and are one bf16 rounding of the same products apart."""
+    out = {}
+    for path in ("native", "fp32"):
+        torch.manual_seed(0)
+        layer = layer_cls(64, 48, bias=True, cpu_gemm=path)
+        if weights == "bf16":
+            layer.to(torch.bfloat16)
+        with torch.no_grad():
+            layer.bias.normal_()
+        x = torch.randn(2, 24, 64) * torch.logspace(-2, 1, 64)
+        x = x.to(torch.bfloat16 if weights == "bf16" else torch.float32).requires_grad_()  # bf16 under DeepSpeed
+        g = (torch.randn(2, 24, 48) * torch.logspace(-6, -2, 48)).bfloat16()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            gemm_input = layer.layer_norm(x) if layer_cls is LayerNormLinear else x
+            y = layer(x)
+        y.backward(g)
+        out[path] = (layer, x, y, gemm_input.detach().bfloat16().reshape(-1, 64), g.reshape(-1, 48))
+    (ln, x, y, a, g), (lf, xf, yf, af, _) = out["native"], out["fp32"]
+    assert torch.equal(a, af)  # the GEMM's input: the same bf16 values
+    w = ln.weight.detach().bfloat16()
+    assert ln.weight.grad.dtype == lf.weight.grad.dtype == (torch.float32 if weights == "fp32_masters" else torch.bfloat16)
+    assert x.grad.dtype == xf.grad.dtype == x.dtype
+    assert_one_bf16_rounding_apart(y.detach(), yf.detach(), a, w.t(), "output", ln.bias.detach().bfloat16())
+    assert_one_bf16_rounding_apart(ln.weight.grad.bfloat16(), lf.weight.grad.bfloat16(), g.t(), a, "dw")
+    assert_one_bf16_rounding_apart(ln.bias.grad.bfloat16(), lf.bias.grad.bfloat16(), torch.ones(1, g.shape[0]), g, "db")
+    if layer_cls is Linear:
+        assert_one_bf16_rounding_apart(x.grad.bfloat16(), xf.grad.bfloat16(), g, w, "dx")
+    # negative control: the same GEMM in fp32 without the output rounding is further apart
+    exact = (a.double() @ w.double().t()).reshape(y.shape)
+    assert (yf.double() - exact).abs().max() > 0 and yf.dtype == torch.bfloat16
+
+
+def test_attention_products_are_the_same_on_both_paths():
+    """The explicit attention's batched products (clipped softmax): bf16 in, bf16 out on both paths."""
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 3, 16, 8).bfloat16(), torch.randn(2, 3, 8, 16).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        native, fp32 = matmul(q, k, "native"), matmul(q, k, "fp32")
+    for i in range(2):
+        for h in range(3):
+            assert_one_bf16_rounding_apart(native[i, h], fp32[i, h], q[i, h], k[i, h], "q @ k")
+    assert matmul(q.float(), k.float(), "fp32").dtype == torch.float32  # outside autocast, fp32 stays fp32
 
 
 # ---- Transformer Engine's saturation telemetry, against TE's update semantics ----

@@ -174,8 +174,9 @@ def run_ptq(*args):
 
 
 def test_the_command_line_prints_table_3_and_one_json_line_per_model(runs, hf_gpt2, demo_data):
+    # --eval_iters=4: 32 val windows for every model (the runs' own count; the GPT-2 directory's default is 200)
     r = run_ptq(f"--out_dir={runs['bf16']}", f"--out_dir={runs['fp8_tweo']}", f"--hf={hf_gpt2[0]}",
-                f"--data_dir={demo_data}", "--calib_windows=4", "--json")
+                f"--data_dir={demo_data}", "--calib_windows=4", "--eval_iters=4", "--json")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     rows = [json.loads(line) for line in lines[-3:]]
@@ -187,7 +188,8 @@ def test_the_command_line_prints_table_3_and_one_json_line_per_model(runs, hf_gp
     for row, (key, target) in zip(rows, [("out_dir", runs["bf16"]), ("out_dir", runs["fp8_tweo"]),
                                          ("hf", hf_gpt2[0])]):
         e = subprocess.run([sys.executable, "bench/eval.py", f"--{key}={target}", f"--data_dir={demo_data}",
-                            "--precision=bf16", "--json"], cwd=REPO, capture_output=True, text=True, timeout=300)
+                            "--precision=bf16", "--eval_iters=4", "--json"], cwd=REPO, capture_output=True, text=True,
+                           timeout=300)
         assert e.returncode == 0, e.stderr
         assert row["BF16"] == pytest.approx(json.loads(e.stdout.strip().splitlines()[-1])["val_ppl"], rel=1e-12)
         assert row["W8(C)A8(K)"] != row["BF16"]

@@ -3,7 +3,10 @@ import json
 import subprocess
 import sys
 
+import torch
 from conftest import REPO
+
+from bench.throughput import MODES
 
 SMALL = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--vocab_size=512", "--micro_batch_size=2",
          "--iters=2", "--warmup=1", "--device=cpu"]
@@ -14,23 +17,43 @@ def run(*args):
                           text=True, timeout=300)
 
 
-def test_four_modes_printed_and_written(tmp_path):
+def test_four_modes_and_the_fp32_reference_printed_and_written(tmp_path):
     path = tmp_path / "sub" / "throughput.json"
     r = run(f"--json={path}")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert "FP8 is emulated on CPU" in r.stdout
-    table = {line.split()[0]: line.split() for line in lines if line.split() and line.split()[0] in
-             ("bf16", "bf16_tweo", "fp8", "fp8_tweo")}
-    assert list(table) == ["bf16", "bf16_tweo", "fp8", "fp8_tweo"]
-    assert [t[1] for t in table.values()] == ["bf16", "bf16", "emulated", "emulated"]
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert f"CPU: native bf16 GEMMs {native}" in r.stdout
+    table = {line.split()[0]: line.split() for line in lines if line.split() and line.split()[0] in MODES}
+    assert list(table) == ["fp32", "bf16", "bf16_tweo", "fp8", "fp8_tweo"]
+    path_here = "native" if native else "fp32"  # --cpu_gemm=auto
+    assert [t[1] for t in table.values()] == ["-"] + [path_here] * 4
+    assert [t[2] for t in table.values()] == ["fp32", "bf16", "bf16", "emulated", "emulated"]
     report = json.loads(path.read_text())
     assert report["device"] == "cpu" and report["fp8_emulated"] is True and report["model"]["n_layer"] == 1
+    assert report["native_bf16_gemms"] is native
     assert [x["mode"] for x in report["results"]] == list(table)
     for x in report["results"]:
         assert x["iter_per_hour"] == 3600 / x["s_per_iter"] and x["peak_gb"] > 0
-        assert f"{x['s_per_iter']:.3f}" == table[x["mode"]][2]  # the JSON holds what was printed
-    assert report["results"][0]["iter_per_hour_vs_first"] == 0.0
+        assert f"{x['s_per_iter']:.3f}" == table[x["mode"]][3]  # the JSON holds what was printed
+    fp32, bf16 = report["results"][:2]
+    assert fp32["step_time_vs_fp32"] == 1.0 and fp32["iter_per_hour_vs_bf16"] is None
+    assert bf16["iter_per_hour_vs_bf16"] == 1.0 and bf16["step_time_vs_fp32"] == bf16["s_per_iter"] / fp32["s_per_iter"]
+    assert table["bf16"][5] == f"{bf16['step_time_vs_fp32']:.2f}x" and table["fp32"][6] == "-"
+
+
+def test_both_gemm_paths_side_by_side(tmp_path):
+    path = tmp_path / "both.json"
+    r = run("--modes=fp32,bf16,fp8", "--cpu_gemm=both", f"--json={path}")
+    assert r.returncode == 0, r.stderr
+    rows = [(x["mode"], x["gemm_path"]) for x in json.loads(path.read_text())["results"]]
+    assert rows == [("fp32", "-"), ("bf16", "native"), ("fp8", "native"), ("bf16", "fp32"), ("fp8", "fp32")]
+    for x in json.loads(path.read_text())["results"][1:]:  # each against the BF16 row of its own path
+        base = next(b for b in json.loads(path.read_text())["results"] if b["mode"] == "bf16" and b["gemm_path"] == x["gemm_path"])
+        assert x["iter_per_hour_vs_bf16"] == x["iter_per_hour"] / base["iter_per_hour"]
+    r = run("--cpu_gemm=bf16")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--cpu_gemm takes auto, native, fp32 or both" in r.stderr
 
 
 def test_an_existing_json_is_never_overwritten(tmp_path):

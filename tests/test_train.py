@@ -329,6 +329,7 @@ RULE_CASES = [
     ("--fp8_recipe=Delayed", "fp8_recipe='Delayed' must be one of 'delayed', 'current'"),
     ("--fp8_amax_history_len=0", "fp8_amax_history_len=0 must be >= 1"),
     ("--fp8_amax_compute_algo=mean", "fp8_amax_compute_algo='mean' must be one of 'max', 'most_recent'"),
+    ("--cpu_gemm=bf16", "cpu_gemm='bf16' must be one of 'auto', 'native', 'fp32'"),
     ("--tweo_lambda=-0.01", "tweo_lambda=-0.01 must be >= 0"),
     ("--tweo_tau=0", "tweo_tau=0.0 must be > 0"),
     ("--tweo_p=-4", "tweo_p=-4.0 must be > 0"),
@@ -590,6 +591,52 @@ def test_torch_fp8_backend_two_rank_zero3_matches_the_emulation(runs, demo_data,
     assert last["fp8_amax"]["lm_head"]["grad_output"] > 0
     model_file = torch.load(os.path.join(out_dir, "model_last.pt"), weights_only=True)
     assert model_file["config"]["fp8_backend"] == "torch" and "lm_head.fp8_scale" in model_file["model"]
+
+
+# 60 steps of configs/tiny.py on the compact demo corpus, 16 windows a step in one micro-batch.
+# Over 60 steps any one-rounding change grows as training amplifies it (late steps have small, noisy
+# gradient norms). Measured on this setup with the fp32 path, 1 rank x 16 windows against 2 ranks x 8
+# (the change the 1-vs-2-rank tests make), worst relative difference over 60 steps: bf16 loss 1.2e-3,
+# grad_norm 0.20; fp8 1.3e-2, 0.57; fp8_tweo 1.4e-2, 0.55, tweo_loss 0.25. Native against fp32 GEMMs
+# (AMD EPYC, AVX2): bf16 1.6e-4, 5.8e-2; fp8 1.6e-3, 0.19; fp8_tweo 6.4e-4, 0.20, 3.9e-2; over the
+# first 24 steps, within CURVE_TOLERANCE. The tolerance over 60 steps is the 1-vs-2-rank difference.
+GEMM_PATH_TOLERANCE = {"bf16": (2e-3, 0.3, None), "fp8": (2e-2, 0.6, None), "fp8_tweo": (2e-2, 0.6, 0.3)}
+GEMM_PATH_RUN = ["--vocab_size=5184", "--micro_batch_size=16", "--max_iters=60", "--lr_decay_iters=60", "--log_interval=1",
+                 "--eval_interval=60", "--ckpt_interval=60", "--act_stats_interval=0"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_both_cpu_gemm_paths_give_the_same_run(demo_compact_data, tmp_path, mode):
+    """--cpu_gemm=native (torch's bf16 GEMMs) and --cpu_gemm=fp32 (fp32 GEMMs on the bf16 / FP8 values,
+    one rounding to bf16), forced on any CPU: the same model, seed and data train along the same
+    60-step curve. Each run says which path it took, on its first lines and in run.json."""
+    rows, val = {}, {}
+    for path in ("native", "fp32"):
+        out_dir = str(tmp_path / path)
+        r = train(1, f"--data_dir={demo_compact_data}", f"--out_dir={out_dir}", *MODES[mode], *GEMM_PATH_RUN,
+                  f"--cpu_gemm={path}")
+        assert f"GEMM path: {path} (cpu_gemm={path})\n" in r.stdout
+        with open(os.path.join(out_dir, "run.json")) as f:
+            assert json.load(f)["gemm_path"] == {"path": path, "why": f"cpu_gemm={path}"}
+        rows[path] = train_rows(metrics(out_dir))
+        val[path] = [x["val_loss"] for x in metrics(out_dir) if "val_loss" in x]
+    native, fp32 = rows["native"], rows["fp32"]
+    assert native.keys() == fp32.keys() == set(range(1, 61))
+    keys = ["loss", "grad_norm"] + (["tweo_loss"] if mode == "fp8_tweo" else [])
+    worst = {span: {k: max(abs(native[i][k] / fp32[i][k] - 1) for i in range(1, span + 1)) for k in keys}
+             for span in (24, 60)}
+    worst[60]["val_loss"] = abs(val["native"][0] / val["fp32"][0] - 1)
+    print(f"{mode}, native vs fp32 GEMMs, relative differences: " + "; ".join(
+        f"worst over {span} steps " + ", ".join(f"{k} {v:.1e}" for k, v in w.items()) for span, w in worst.items()))
+    assert native[1]["loss"] == pytest.approx(fp32[1]["loss"], rel=1e-5)  # step 1: the same weights and windows
+    # the first 24 steps: within the tolerance of 1 vs 2 ranks over the same span (a one-rounding change too)
+    loss_tol, grad_norm_tol, tweo_tol = CURVE_TOLERANCE[mode]
+    assert worst[24]["loss"] < loss_tol and worst[24]["grad_norm"] < grad_norm_tol
+    assert tweo_tol is None or worst[24]["tweo_loss"] < tweo_tol
+    # all 60: within what 1 vs 2 ranks differ by on this same setup (GEMM_PATH_TOLERANCE)
+    loss_tol, grad_norm_tol, tweo_tol = GEMM_PATH_TOLERANCE[mode]
+    assert worst[60]["loss"] < loss_tol and worst[60]["grad_norm"] < grad_norm_tol and worst[60]["val_loss"] < loss_tol
+    assert tweo_tol is None or worst[60]["tweo_loss"] < tweo_tol
 
 
 def test_fp8_shape_rules_are_checked_before_any_work(demo_data, tmp_path):
