@@ -21,7 +21,7 @@ Four backends, chosen by make_backend():
 All four use Transformer Engine's parameter names (layer_norm_weight, layer_norm_bias,
 weight, bias), so a checkpoint trained with one loads into the others.
 
-On CPUs without native bf16 GEMMs (AVX2 only: no AVX512-BF16, no AMX) torch's bf16 matrix
+On CPUs without native bf16 GEMMs (AVX2 only: no AVX-512, no AMX) torch's bf16 matrix
 products are 4-40x slower than fp32 ones. There the bf16 and emulated FP8 backends compute
 every GEMM with bf16 semantics as an fp32 GEMM on the bf16 (or FP8) operand values, rounded
 once to bf16: the same arithmetic up to accumulation order (see choose_cpu_gemm).
@@ -62,7 +62,7 @@ def choose_cpu_gemm(cpu_gemm="auto", device_type="cpu", native_bf16=None):
         native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
     if native_bf16:
         return "native", "this CPU has native bf16 GEMMs"
-    return "fp32", "this CPU has no native bf16 GEMMs (no AVX512-BF16 or AMX): bf16 GEMMs as fp32 GEMMs on bf16 values"
+    return "fp32", "this CPU has no native bf16 GEMMs (oneDNN says so): bf16 GEMMs as fp32 GEMMs on bf16 values"
 
 
 def gemm_dtype(x):

@@ -34,13 +34,16 @@ def main(argv):
         fail(f"--precision must be bf16 or fp8, got {cfg['precision']!r}")
     if cfg["rounds"] < 1 or cfg["steps"] < 1:
         fail("--rounds and --steps must be at least 1")
+    if cfg["cpu_gemm"] not in ("auto", "native", "fp32"):
+        fail(f"--cpu_gemm must be auto, native or fp32, got {cfg['cpu_gemm']!r}")
     device = torch.device(cfg["device"])
     time_target = 1.01 if device.type == "cuda" else 1.02
     a_mode, b_mode = cfg["precision"], cfg["precision"] + "_tweo"
     print(f"model: {describe(cfg, device)}, {cfg['precision']}; A: lambda = 0, B: lambda = 0.01; "
           f"{cfg['rounds']} rounds of {cfg['steps']} steps each, A B A B ...")
-    step_a, _, model_a, optimizer_a = make_step(cfg, a_mode, device)
-    step_b, _, model_b, optimizer_b = make_step(cfg, b_mode, device)
+    step_a, backend, model_a, optimizer_a = make_step(cfg, a_mode, device, cfg["cpu_gemm"])
+    step_b, _, model_b, optimizer_b = make_step(cfg, b_mode, device, cfg["cpu_gemm"])
+    print(f"GEMM path: {backend.cpu_gemm} ({backend.cpu_gemm_why})")
     for _ in range(cfg["warmup"]):
         step_a()
         step_b()

@@ -12,7 +12,7 @@ def test_prints_both_ratios_and_targets_last():
                         "--device=cpu"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
-    assert lines[0].startswith("model: 12 layers x 32")
+    assert lines[0].startswith("model: 12 layers x 32") and lines[1].startswith("GEMM path: ")
     time_line = re.fullmatch(r"time ratio: (\d+\.\d+) \(target <= 1\.02\)", lines[-2])
     memory_line = re.fullmatch(r"memory ratio: (\d+\.\d+) \(target <= 1\.01\)", lines[-1])
     assert time_line and memory_line, lines[-2:]
@@ -24,6 +24,7 @@ def test_prints_both_ratios_and_targets_last():
 
 
 def test_bad_input_is_one_line_and_exit_2():
-    r = subprocess.run([sys.executable, "bench/tweo_overhead.py", "--precision=fp16"], cwd=REPO, capture_output=True,
-                       text=True, timeout=60)
-    assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1 and "precision" in r.stderr
+    for arg, key in (("--precision=fp16", "precision"), ("--cpu_gemm=both", "cpu_gemm")):
+        r = subprocess.run([sys.executable, "bench/tweo_overhead.py", arg], cwd=REPO, capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1 and key in r.stderr
