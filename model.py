@@ -419,17 +419,32 @@ def _load_zero_checkpoint(out_dir, ckpt):
 # ----------------------------------------------------------------------------------------
 # Loading a Hugging Face GPT-2 checkpoint from a local directory (config.json and
 # model.safetensors or pytorch_model.bin), as nanoGPT's from_pretrained but without the
-# network: bench/eval.py, ptq.py, stethoscope.py and sample.py --hf=DIR, train.py init_from=DIR.
+# network: bench/eval.py, ptq.py, stethoscope.py, hellaswag.py and sample.py --hf=DIR, train.py
+# init_from=DIR; and back to such a directory: bench/export_hf.py.
 
-HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+def hf_gpt2_names(n_layer):
+    """(our name, GPT2LMHeadModel's name without its 'transformer.' prefix, stored transposed)
+    of every tensor a GPT-2 checkpoint holds: the one table that hf_gpt2_state reads from
+    Hugging Face and bench/export_hf.py writes back. HF's Conv1D stores weights as [in, out],
+    ours are [out, in]; ln_1, ln_2 and ln_f are the LayerNorms of QKV, fc and the LM head;
+    the LM head is tied to wte."""
+    names = [("transformer.wte.weight", "wte.weight", False), ("transformer.wpe.weight", "wpe.weight", False),
+             ("lm_head.layer_norm_weight", "ln_f.weight", False), ("lm_head.layer_norm_bias", "ln_f.bias", False)]
+    for i in range(n_layer):
+        h, ours = f"h.{i}.", f"transformer.h.{i}."
+        for ln, layer in (("ln_1", "attn.c_attn"), ("ln_2", "mlp.c_fc")):
+            names += [(f"{ours}{layer}.layer_norm_weight", f"{h}{ln}.weight", False),
+                      (f"{ours}{layer}.layer_norm_bias", f"{h}{ln}.bias", False)]
+        for layer in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+            names += [(f"{ours}{layer}.weight", f"{h}{layer}.weight", True), (f"{ours}{layer}.bias", f"{h}{layer}.bias", False)]
+    return names
 
 
 def hf_gpt2_state(hf_dir, vocab_size=None, block_size=None):
-    """(state dict in our names, model args, the checkpoint's own vocabulary size).
-    HF's Conv1D stores weights as [in, out]: transposed to our [out, in]. ln_1, ln_2 and
-    ln_f become the LayerNorms of QKV, fc and the LM head. The vocabulary is padded with
-    zero rows to vocab_size (default: the next multiple of 64, 50304 for GPT-2) and wpe
-    is cropped to block_size (default: n_positions). Raises CheckpointError."""
+    """(state dict in our names, model args, the checkpoint's own vocabulary size), named
+    and transposed by hf_gpt2_names. The vocabulary is padded with zero rows to vocab_size
+    (default: the next multiple of 64, 50304 for GPT-2) and wpe is cropped to block_size
+    (default: n_positions). Raises CheckpointError."""
     import json
     try:
         with open(os.path.join(hf_dir, "config.json")) as f:
@@ -464,20 +479,12 @@ def hf_gpt2_state(hf_dir, vocab_size=None, block_size=None):
     if "lm_head.weight" in hf and not torch.equal(hf["lm_head.weight"], hf["wte.weight"]):
         raise CheckpointError(f"{hf_dir}: the LM head is not tied to wte, which GPT-2 (and this model) ties")
     try:
-        wte = hf["wte.weight"]
-        state = {"transformer.wte.weight": torch.cat([wte, wte.new_zeros(vocab_size - n_vocab, wte.size(1))]),
-                 "transformer.wpe.weight": hf["wpe.weight"][:block_size],
-                 "lm_head.layer_norm_weight": hf["ln_f.weight"], "lm_head.layer_norm_bias": hf["ln_f.bias"]}
-        for i in range(c["n_layer"]):
-            h, ours = f"h.{i}.", f"transformer.h.{i}."
-            for ln, layer in (("ln_1", "attn.c_attn"), ("ln_2", "mlp.c_fc")):
-                state[ours + layer + ".layer_norm_weight"] = hf[h + ln + ".weight"]
-                state[ours + layer + ".layer_norm_bias"] = hf[h + ln + ".bias"]
-            for w in HF_CONV1D:
-                state[ours + w] = hf[h + w].t()
-                state[ours + w[:-len("weight")] + "bias"] = hf[h + w[:-len("weight")] + "bias"]
+        state = {ours: hf[theirs].t() if transposed else hf[theirs] for ours, theirs, transposed in hf_gpt2_names(c["n_layer"])}
     except KeyError as e:
         raise CheckpointError(f"{hf_dir}: the checkpoint has no {e.args[0]}: not a GPT-2 checkpoint") from None
+    wte = state["transformer.wte.weight"]
+    state["transformer.wte.weight"] = torch.cat([wte, wte.new_zeros(vocab_size - n_vocab, wte.size(1))])
+    state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:block_size]
     state["lm_head.weight"] = state["transformer.wte.weight"]
     args = dict(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=n_embd, block_size=block_size,
                 vocab_size=vocab_size, dropout=0.0, bias=True)

@@ -315,6 +315,21 @@ class ScaledMMGemm:
         return out.to(out_dtype)
 
 
+class ScaledMMGemmInFP32(ScaledMMGemm):
+    """torch._scaled_mm's product without its CPU kernel, which on some CPUs is a reference
+    loop (measured on a Xeon with AMX, torch 2.13: 72 s for 512x64 @ 64x50304, where the same
+    product in bf16 takes 0.03 s): an fp32 GEMM on the float8 operands' exact values, factors
+    and bias applied before one rounding to bf16, as the kernel does (up to accumulation
+    order). The operands are checked, laid out and saved as for the kernel."""
+
+    @staticmethod
+    def mm(a, b, a_inv, b_inv, out_dtype, bias=None):
+        error = scaled_mm_error(a, b, a_inv, b_inv)
+        if error:
+            raise ValueError(f"FP8 GEMM {tuple(a.shape)} @ {tuple(b.shape)}: {error}")
+        return EmulatedGemmInFP32.mm(a, b, a_inv, b_inv, torch.bfloat16, bias).to(out_dtype)
+
+
 class _FP8LinearFunction(torch.autograd.Function):
     """y = x @ w.T + b with x, w in E4M3 and dy in E5M2, fp32 accumulation. Saves the
     quantized x and w for backward as the GEMM takes them: float8 (one byte per element,
@@ -461,19 +476,21 @@ def keep_fp8_state_fp32(model):
 
 
 class EmulatedFP8Backend:
-    """Per-tensor FP8 layers with TE's scaling semantics. `gemm` is the only thing the
-    'emulated' and 'torch' backends do differently."""
+    """Per-tensor FP8 layers with TE's scaling semantics. The GEMM (`fp8_gemm`) is the only
+    thing the 'emulated' and 'torch' backends do differently."""
     name = "emulated"
-    gemm = EmulatedGemm
 
     def __init__(self, recipe="delayed", amax_history_len=16, amax_compute_algo="max", device_type="cpu",
                  cpu_gemm="auto"):
         self.recipe, self.device_type = recipe, device_type
         self.cpu_gemm, self.cpu_gemm_why = choose_cpu_gemm(cpu_gemm, device_type)
-        gemm = EmulatedGemmInFP32 if self.gemm is EmulatedGemm and self.cpu_gemm == "fp32" else self.gemm
-        kw = dict(recipe=recipe, history_len=amax_history_len, compute_algo=amax_compute_algo, gemm=gemm)
+        kw = dict(recipe=recipe, history_len=amax_history_len, compute_algo=amax_compute_algo,
+                  gemm=self.fp8_gemm(cpu_gemm, device_type))
         self.Linear = lambda i, o, bias=True, init_std=0.02: FP8Linear(i, o, bias, init_std, **kw)
         self.LayerNormLinear = lambda i, o, bias=True, init_std=0.02: FP8LayerNormLinear(i, o, bias, init_std, **kw)
+
+    def fp8_gemm(self, cpu_gemm, device_type):
+        return EmulatedGemmInFP32 if self.cpu_gemm == "fp32" else EmulatedGemm
 
     @contextlib.contextmanager
     def autocast(self, model=None):
@@ -497,10 +514,18 @@ class EmulatedFP8Backend:
 
 class TorchFP8Backend(EmulatedFP8Backend):
     """The emulated backend's layers and scaling state, with real FP8 GEMMs (torch._scaled_mm):
-    fprop E4M3 x E4M3, dgrad and wgrad E5M2 x E4M3, bf16 output, whatever cpu_gemm says
-    (which then only applies to attention's explicit products)."""
+    fprop E4M3 x E4M3, dgrad and wgrad E5M2 x E4M3, bf16 output. On a CPU, where no kernel
+    is faster than an fp32 GEMM on the same values and some are far slower, only
+    cpu_gemm='native' calls torch._scaled_mm; otherwise its product is computed in fp32
+    (ScaledMMGemmInFP32), on the same float8 operands."""
     name = "torch"
-    gemm = ScaledMMGemm
+
+    def fp8_gemm(self, cpu_gemm, device_type):
+        if device_type != "cpu" or cpu_gemm == "native":
+            return ScaledMMGemm
+        if cpu_gemm == "auto":
+            self.cpu_gemm_why += "; FP8 GEMMs as fp32 GEMMs on their float8 values (--cpu_gemm=native calls torch._scaled_mm)"
+        return ScaledMMGemmInFP32
 
 
 def _distributed():

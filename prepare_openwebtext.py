@@ -86,11 +86,17 @@ def fetch_tokenizer():
             data = tf.extractfile(member).read()
     if hashlib.sha256(data).hexdigest() != GPT2_RANKS_SHA256:
         fail(f"the gpt2.tiktoken in {WHISPER_SDIST} does not have the expected sha256 {GPT2_RANKS_SHA256}")
-    os.makedirs(os.path.dirname(GPT2_RANKS_FILE), exist_ok=True)
-    with open(GPT2_RANKS_FILE + ".tmp", "wb") as f:
-        f.write(data)
-    os.replace(GPT2_RANKS_FILE + ".tmp", GPT2_RANKS_FILE)
+    write_atomically(GPT2_RANKS_FILE, data)
     print(f"GPT-2 ranks (sha256 {GPT2_RANKS_SHA256[:8]}…) written to {GPT2_RANKS_FILE}")
+
+
+def write_atomically(path, data):
+    """Write bytes to path (its directory made if needed) through a temporary file renamed into
+    place: an interrupted write leaves no half file where a whole one is expected."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+    os.replace(path + ".tmp", path)
 
 
 # ----------------------------------------------------------------------------------------

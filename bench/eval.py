@@ -91,23 +91,22 @@ def read_run(out_dir):
         fail(f"{run_json} is not a run.json written by train.py ({type(e).__name__}: {e})")
 
 
-def load(out_dir="out", hf="", ckpt="last", precision="", eval_iters=0, data_dir="", block_size=0, device="cpu"):
-    """A model to evaluate and the val windows to evaluate it on, for every bench script:
-    a train.py run (out_dir: its checkpoint, run config and train.py's own val windows), or
-    with hf a Hugging Face GPT-2 directory (data_dir needed; block_size defaults to the
-    model's n_positions). Bad input: one line on stderr and exit status 2."""
-    problem = first_violation(dict(precision=precision, eval_iters=eval_iters, block_size=block_size, ckpt=ckpt,
-                                   device=device), LOAD_RULES)
+def load_model(out_dir="out", hf="", ckpt="last", precision="", block_size=0, device="cpu"):
+    """A model to evaluate, in the backend of its precision (default: the one it was trained
+    in; FP8 with the checkpoint's own scaling state): a train.py run's checkpoint, or with hf
+    a Hugging Face GPT-2 directory (block_size defaults to the model's n_positions). Returns
+    a namespace with model, info, backend, precision, run (run.json's keys, or HF_RUN) and
+    name. Bad input: one line on stderr and exit status 2."""
+    checked = dict(precision=precision, block_size=block_size, ckpt=ckpt, device=device)
+    problem = first_violation(checked, [rule for rule in LOAD_RULES if rule[0] in checked])
     if problem:
         fail(problem)
     if hf:
         if out_dir != LOAD_DEFAULTS["out_dir"]:
             fail("give --out_dir=RUN or --hf=DIR, not both")
-        if not data_dir:
-            fail("--hf needs --data_dir (a directory prepared by prepare_openwebtext.py)")
         if precision not in ("", "bf16"):
             fail("--hf models are evaluated in bf16 (they carry no FP8 scaling state)")
-        run = dict(HF_RUN, data_dir=data_dir)
+        run = HF_RUN
     else:
         if block_size:
             fail("--block_size is for --hf models; a run is evaluated at the block size it was trained with")
@@ -124,6 +123,21 @@ def load(out_dir="out", hf="", ckpt="last", precision="", eval_iters=0, data_dir
             model, info = load_trained(out_dir, ckpt, backend=backend, device=device)
     except (CheckpointError, ValueError, RuntimeError) as e:
         fail(e)
+    return SimpleNamespace(model=model, info=info, backend=backend, precision=precision, run=run, name=hf or out_dir)
+
+
+def load(out_dir="out", hf="", ckpt="last", precision="", eval_iters=0, data_dir="", block_size=0, device="cpu"):
+    """load_model() and the val windows to evaluate it on, for every bench script that
+    evaluates on val data: a run's own (its data_dir and train.py's val windows), or for hf
+    those of HF_RUN on data_dir (needed). Bad input: one line on stderr and exit status 2."""
+    checked = dict(eval_iters=eval_iters)
+    problem = first_violation(checked, [rule for rule in LOAD_RULES if rule[0] in checked])
+    if problem:
+        fail(problem)
+    if hf and not data_dir:
+        fail("--hf needs --data_dir (a directory prepared by prepare_openwebtext.py)")
+    ev = load_model(out_dir, hf, ckpt, precision, block_size, device)
+    model, info, run = ev.model, ev.info, dict(ev.run, data_dir=data_dir) if hf else ev.run
     block_size, micro = model.config.block_size, run["micro_batch_size"]
     n_windows = eval_iters * micro if eval_iters else run["eval_windows"]
     data_dir = data_dir or run["data_dir"]
@@ -132,9 +146,9 @@ def load(out_dir="out", hf="", ckpt="last", precision="", eval_iters=0, data_dir
     except D.DataError as e:
         fail(e)
     offsets = D.val_offsets(run["seed"], n_windows, len(val_data), block_size)
-    return SimpleNamespace(model=model, info=info, backend=backend, precision=precision, run=run, name=hf or out_dir,
-                           val_data=val_data, offsets=offsets, block_size=block_size, micro_batch_size=micro,
-                           data_dir=data_dir, vocab_size=info.get("hf_vocab_size", GPT2_VOCAB_SIZE))
+    return SimpleNamespace(**dict(vars(ev), run=run, val_data=val_data, offsets=offsets, block_size=block_size,
+                                  micro_batch_size=micro, data_dir=data_dir,
+                                  vocab_size=info.get("hf_vocab_size", GPT2_VOCAB_SIZE)))
 
 
 def main(argv):
