@@ -252,6 +252,16 @@ class GPT(nn.Module):
         return idx
 
 
+def build_model(config, backend=None, device="cpu", dtype=torch.bfloat16):
+    """GPT(config, backend) as every script but train.py needs it: on `device` in `dtype` (bf16:
+    the weights DeepSpeed's bf16 gives train.py), its FP8 scaling state kept in fp32 as
+    train.py keeps it (a bf16 scale would round the emulation's and torch._scaled_mm refuses it)."""
+    from precision import keep_fp8_state_fp32
+    model = GPT(config, backend).to(device=device, dtype=dtype)
+    keep_fp8_state_fp32(model)
+    return model
+
+
 # ----------------------------------------------------------------------------------------
 # Activation statistics: the paper's Figure 5 (top-1/2/3 and median of |block output|)
 # and the outlier table of bench/eval.py. Partial statistics of several batches merge
@@ -330,7 +340,7 @@ def load_trained(out_dir, ckpt="last", backend=None, device="cpu"):
     model in bf16 (FP8 scaling state in fp32), in eval mode. Raises CheckpointError, also
     when a Transformer Engine model would be evaluated without the checkpoint's FP8 state
     (TE's scales would all be 1.0: it only updates them when training)."""
-    from precision import keep_fp8_state_fp32, load_te_fp8_state
+    from precision import load_te_fp8_state
 
     path = os.path.join(out_dir, f"model_{ckpt}.pt")
     if os.path.isfile(path):
@@ -348,12 +358,10 @@ def load_trained(out_dir, ckpt="last", backend=None, device="cpu"):
         path = os.path.join(out_dir, "ckpt", ckpt)
     if not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: the model state holds something other than tensors")
-    try:
-        model = GPT(GPTConfig(**args), backend)
+    try:  # the FP8 scaling state in fp32, loaded below without rounding
+        model = build_model(GPTConfig(**args), backend, device)
     except Exception as e:  # unknown keys, or values no GPT has
         raise CheckpointError(f"{path}: model arguments {args} do not describe a GPT ({type(e).__name__}: {e})") from None
-    model.to(device=device, dtype=torch.bfloat16)  # as under DeepSpeed bf16 ...
-    keep_fp8_state_fp32(model)  # ... with the FP8 scaling state in fp32, loaded below without rounding
     expected = model.state_dict()
     for k, v in state.items():
         if k in expected and expected[k].shape != v.shape:
@@ -496,12 +504,11 @@ def load_hf(hf_dir, backend=None, device="cpu", dtype=torch.bfloat16, block_size
     one. The padded vocabulary entries get logit -inf, so that the loss, the perplexity and
     sampling are those of the original model. Raises CheckpointError."""
     state, args, n_vocab = hf_gpt2_state(hf_dir, block_size=block_size)
-    model = GPT(GPTConfig(**args), backend)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    model = build_model(GPTConfig(**args), backend, device, dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)  # rounds to dtype as .to(dtype) would
     missing = [k for k in missing if ".fp8_" not in k and not k.endswith("_extra_state")]  # an FP8 backend's own state
     if missing or unexpected:
         raise CheckpointError(f"{hf_dir} does not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
-    model.to(device=device, dtype=dtype)
 
     def mask_padded_vocab(module, inputs, logits):
         return logits.index_fill(-1, torch.arange(n_vocab, logits.size(-1), device=logits.device), -float("inf"))

@@ -350,11 +350,11 @@ def param_groups(model):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-if use_cuda:
-    from deepspeed.ops.adam import FusedAdam
-    optimizer = FusedAdam(param_groups(model), lr=learning_rate, betas=(beta1, beta2), adam_w_mode=True)
-else:
-    optimizer = torch.optim.AdamW(param_groups(model), lr=learning_rate, betas=(beta1, beta2))
+# torch's fused AdamW, one kernel for all parameters, on every device (a CPU test steps what a GPU
+# steps). Not DeepSpeed's FusedAdam: it JIT-compiles a CUDA op at the first run unless DeepSpeed was
+# built with it, and torch's wheels ship no nvcc. ZeRO-3 lists torch.optim.AdamW as a supported
+# optimizer (deepspeed/runtime/zero/utils.py, ZERO_SUPPORTED_OPTIMIZERS), fused or not.
+optimizer = torch.optim.AdamW(param_groups(model), lr=learning_rate, betas=(beta1, beta2), fused=True)
 engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
 raw_model = engine.module
 from precision import keep_fp8_state_fp32, load_te_fp8_state, te_fp8_state  # noqa: E402

@@ -30,7 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import data as D  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+from model import GPTConfig, build_model  # noqa: E402
 from precision import ROLES, make_backend  # noqa: E402
 from prepare_openwebtext import gpt2_tokenizer, load_vocab_map  # noqa: E402
 
@@ -149,7 +149,7 @@ def main(argv=None):
     backend = make_backend(precision, "emulated", "delayed", args.amax_history, "max", "cpu")
     cfg = GPTConfig(block_size=args.block_size, vocab_size=vocab, n_layer=args.n_layer, n_head=args.n_head,
                     n_embd=args.n_embd, tweo_tau=args.tweo_tau, tweo_p=args.tweo_p)
-    model = GPT(cfg, backend)
+    model = build_model(cfg, backend, dtype=torch.float32)  # fp32 master weights under autocast
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},

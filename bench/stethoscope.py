@@ -32,7 +32,7 @@ import torch.nn as nn  # noqa: E402
 import data as D  # noqa: E402
 from bench.eval import LOAD_DEFAULTS, fail, load  # noqa: E402
 from configurator import configure_or_exit  # noqa: E402
-from model import GPT  # noqa: E402
+from model import build_model  # noqa: E402
 
 CONDITIONS = {"a": "(a) trained model, real text", "b": "(b) trained blocks, fresh wte + wpe, real text",
               "c": "(c) freshly initialised model, real text", "d": "(d) trained model, uniform random tokens"}
@@ -81,7 +81,7 @@ def fresh_embeddings(model, generator):
 def fresh_model(model, seed):
     torch.manual_seed(seed)
     p = next(model.parameters())
-    return GPT(model.config, model.backend).to(device=p.device, dtype=p.dtype).eval()
+    return build_model(model.config, model.backend, p.device, p.dtype).eval()
 
 
 def conditions(ev, windows=64, seed=0):

@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from configurator import configure_or_exit, declared_keys  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+from model import GPTConfig, build_model  # noqa: E402
 from precision import make_backend  # noqa: E402
 
 MODES = {"fp32": ("fp32", 0.0), "bf16": ("bf16", 0.0), "bf16_tweo": ("bf16", 0.01), "fp8": ("fp8", 0.0),
@@ -67,7 +67,7 @@ def make_step(cfg, mode, device, cpu_gemm="auto"):
     torch.manual_seed(0)
     args = {k: cfg[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "activation_checkpointing")}
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
-    model = GPT(GPTConfig(**args), backend).to(device=device, dtype=dtype)
+    model = build_model(GPTConfig(**args), backend, device, dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randint(0, min(50257, cfg["vocab_size"]), (cfg["micro_batch_size"], cfg["block_size"]), device=device)
     autocast = (lambda m: contextlib.nullcontext()) if precision == "fp32" else backend.autocast

@@ -559,6 +559,21 @@ def test_hf_gpt2_logits_equal_transformers(hf_gpt2, tmp_path, safe):
     assert state["transformer.wpe.weight"].shape == (32, 32) and args["block_size"] == 32
 
 
+def test_an_hf_gpt2_runs_under_the_torch_fp8_backend(hf_gpt2):
+    """load_hf with an FP8 backend: bf16 weights, the scaling state in fp32 (torch._scaled_mm
+    refuses bf16 scales: this crashed), and FP8 logits close to the bf16 ones."""
+    from model import load_hf
+    idx = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(1))
+    logits = {}
+    for precision in ("bf16", "fp8"):
+        backend = make_backend(precision, "torch")
+        model, _ = load_hf(hf_gpt2[0], backend=backend)
+        with torch.no_grad(), backend.autocast(model):
+            logits[precision] = model(idx, idx).logits[..., :50257].float()
+    assert all(m.fp8_scale.dtype == torch.float32 for _, m in fp8_layers(model))
+    assert 0 < (logits["fp8"] - logits["bf16"]).norm() / logits["bf16"].norm() < 0.1
+
+
 def test_hf_directories_that_do_not_fit_fail_clearly(hf_gpt2, tmp_path):
     from model import CheckpointError, load_hf
     with pytest.raises(CheckpointError, match="config.json unreadable"):

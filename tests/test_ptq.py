@@ -126,12 +126,33 @@ def test_a_planted_outlier_breaks_per_tensor_activations_not_per_token(trained):
     print({k: (round(clean[k], 3), round(planted[k], 3)) for k in clean})
     # without the outlier per-tensor and per-token activations stay close (and near BF16)
     assert abs(clean["A8(T)"] - clean["A8(K)"]) < 0.01 * clean["BF16"]
-    # the plant keeps the model (BF16 PPL) but per-tensor activation scales now collapse
+    # the plant keeps the model (BF16 PPL), and per-token A8 with per-channel W8 too
     assert abs(planted["BF16"] - clean["BF16"]) < 0.01 * clean["BF16"]
-    # (on the suite's 24-step model the gap is small, +0.3% against 0.01%; on the 150-step
-    # demo model it is +9% against 0.2%)
-    assert planted["A8(T)"] - planted["BF16"] > 10 * abs(planted["A8(K)"] - planted["BF16"])
     assert planted["W8(C)A8(K)"] < 1.01 * planted["BF16"]
+    # but per-tensor activation scales lose precision where the outlier is read: block 0's FFN
+    # (its c_proj GEMM, bias aside). The suite's 24-step model barely uses that FFN, so its PPL
+    # moves by fractions of a percent either way, with the CPU's GEMM kernels (+0.3% on an AMD
+    # EPYC, -0.5% on a Xeon limited to AVX2); on the 150-step demo model A8(T) costs +9% PPL
+    # against 0.2% for A8(K). Measured here: A8(T) 0.0033 -> 0.024, A8(K) 0.0032 -> 0.0096.
+    x, _ = D.get_batch(trained.val_data, trained.offsets[:8], trained.block_size, torch.device("cpu"))
+
+    def ffn0_gemm_output(model):
+        seen = []
+        hook = model.transformer.h[0].mlp.register_forward_hook(
+            lambda m, args, out: seen.append((out - m.c_proj.bias).float()))
+        with torch.no_grad():
+            model(x, x)
+        hook.remove()
+        return seen[0]
+
+    def relative_errors(ev):
+        amax, exact = calibrate(ev.model, ev, offsets), ffn0_gemm_output(ev.model)
+        return {acts: ((ffn0_gemm_output(quantized(ev.model, 8, None, acts, amax=amax)) - exact).norm()
+                       / exact.norm()).item() for acts in ("tensor", "token")}
+    before, after = relative_errors(trained), relative_errors(planted_ev)
+    print(f"block 0 FFN GEMM output, relative error: A8(T) {before['tensor']:.4f} -> {after['tensor']:.4f}, "
+          f"A8(K) {before['token']:.4f} -> {after['token']:.4f}")
+    assert after["tensor"] > 5 * before["tensor"] and after["tensor"] > 2 * after["token"]
 
 
 def test_smoothquant_folds_exactly_and_undoes_a_channel_outlier(trained):

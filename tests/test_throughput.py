@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import REPO
 
@@ -89,3 +90,19 @@ def test_the_printed_and_written_model_is_the_configs(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[0] == "model: 1 layers x 32, 1 x 1024 tokens, cpu"
     assert json.loads(path.read_text())["model"]["block_size"] == 1024
+
+
+@pytest.mark.parametrize("cpu_gemm", ["auto", "native"])
+def test_the_torch_fp8_backend_trains_with_its_scaling_state_in_fp32(cpu_gemm):
+    """--fp8_backend=torch: the bench's bf16 model keeps its FP8 scales and amaxes in fp32, which
+    torch._scaled_mm ('native': the kernel itself) and its fp32 stand-in require (it crashed:
+    'scales must be single-element fp32 tensors, got torch.bfloat16')."""
+    from bench.throughput import make_step
+    cfg = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=512, micro_batch_size=2,
+               activation_checkpointing=False, fp8_backend="torch")
+    step, backend, model, _ = make_step(cfg, "fp8", torch.device("cpu"), cpu_gemm)
+    step()
+    step()
+    assert backend.name == "torch" and next(model.parameters()).dtype == torch.bfloat16
+    assert model.lm_head.fp8_scale.dtype == model.lm_head.fp8_amax_history.dtype == torch.float32
+    assert (model.lm_head.fp8_amax_history[0] > 0).all()  # both steps went through the FP8 casts

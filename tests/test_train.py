@@ -715,6 +715,8 @@ def test_activation_checkpointing_changes_nothing_and_the_optimizer_uses_the_log
         assert [g["lr"] for g in groups] == [checked[i]["lr"]] * 2
         assert checked[i]["lr"] == pytest.approx(closed_form_lr(i - 1), rel=1e-12)
     assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    # torch's fused AdamW, the optimizer a GPU run gets too (DeepSpeed's FusedAdam needs nvcc at run time)
+    assert [g["fused"] for g in groups] == [True, True] and [g["betas"] for g in groups] == [(0.9, 0.95)] * 2
     shapes = torch.load(ckpt / "iter_0000001" / "zero_pp_rank_0_mp_rank_00_model_states.pt", weights_only=False)["param_shapes"]
     decay, no_decay = ({n: tuple(s) for n, s in group.items()} for group in shapes)
     assert all(len(s) == 2 for s in decay.values()) and all(len(s) == 1 for s in no_decay.values())
