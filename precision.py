@@ -484,12 +484,14 @@ class EmulatedFP8Backend:
                  cpu_gemm="auto"):
         self.recipe, self.device_type = recipe, device_type
         self.cpu_gemm, self.cpu_gemm_why = choose_cpu_gemm(cpu_gemm, device_type)
-        kw = dict(recipe=recipe, history_len=amax_history_len, compute_algo=amax_compute_algo,
-                  gemm=self.fp8_gemm(cpu_gemm, device_type))
+        gemm = self.fp8_gemm(cpu_gemm)
+        if gemm is ScaledMMGemmInFP32 and cpu_gemm == "auto":  # the run's first lines say where its FP8 GEMMs run
+            self.cpu_gemm_why += "; FP8 GEMMs as fp32 GEMMs on their float8 values (--cpu_gemm=native calls torch._scaled_mm)"
+        kw = dict(recipe=recipe, history_len=amax_history_len, compute_algo=amax_compute_algo, gemm=gemm)
         self.Linear = lambda i, o, bias=True, init_std=0.02: FP8Linear(i, o, bias, init_std, **kw)
         self.LayerNormLinear = lambda i, o, bias=True, init_std=0.02: FP8LayerNormLinear(i, o, bias, init_std, **kw)
 
-    def fp8_gemm(self, cpu_gemm, device_type):
+    def fp8_gemm(self, cpu_gemm):
         return EmulatedGemmInFP32 if self.cpu_gemm == "fp32" else EmulatedGemm
 
     @contextlib.contextmanager
@@ -520,12 +522,8 @@ class TorchFP8Backend(EmulatedFP8Backend):
     (ScaledMMGemmInFP32), on the same float8 operands."""
     name = "torch"
 
-    def fp8_gemm(self, cpu_gemm, device_type):
-        if device_type != "cpu" or cpu_gemm == "native":
-            return ScaledMMGemm
-        if cpu_gemm == "auto":
-            self.cpu_gemm_why += "; FP8 GEMMs as fp32 GEMMs on their float8 values (--cpu_gemm=native calls torch._scaled_mm)"
-        return ScaledMMGemmInFP32
+    def fp8_gemm(self, cpu_gemm):
+        return ScaledMMGemm if self.device_type != "cpu" or cpu_gemm == "native" else ScaledMMGemmInFP32
 
 
 def _distributed():

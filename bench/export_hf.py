@@ -30,7 +30,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from bench.eval import fail  # noqa: E402
-from bench.runs import RunError, read_run  # noqa: E402
 from configurator import configure_or_exit  # noqa: E402
 from model import CheckpointError, hf_gpt2_names, load_hf, load_trained  # noqa: E402
 from prepare_openwebtext import EOT, GPT2_VOCAB_SIZE, gpt2_tokenizer, write_atomically  # noqa: E402
@@ -41,13 +40,15 @@ TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
 
 def read_run_json(out_dir):
     """(model_args, config) from a train.py run's run.json; one line and exit 2 if it is none."""
+    run_json = os.path.join(out_dir, "run.json")
     try:
-        run, _ = read_run(out_dir)
+        with open(run_json) as f:
+            run = json.load(f)
         return run["model_args"], run["config"]
-    except RunError as e:
-        fail(e)
+    except OSError as e:
+        fail(f"{run_json}: {e.strerror}: --out_dir must be a train.py run")
     except (ValueError, KeyError, TypeError) as e:
-        fail(f"{out_dir}/run.json is not a run.json written by train.py ({type(e).__name__}: {e})")
+        fail(f"{run_json} is not a run.json written by train.py ({type(e).__name__}: {e})")
 
 
 def run_vocabulary(config, vocab_size):
