@@ -338,8 +338,8 @@ def load_trained(out_dir, ckpt="last", backend=None, device="cpu"):
     or, when ckpt is a DeepSpeed checkpoint tag or folder, the ZeRO-3 shards themselves
     (gathered on CPU with DeepSpeed's zero_to_fp32). Returns (model, run info) with the
     model in bf16 (FP8 scaling state in fp32), in eval mode. Raises CheckpointError, also
-    when a Transformer Engine model would be evaluated without the checkpoint's FP8 state
-    (TE's scales would all be 1.0: it only updates them when training)."""
+    when a Transformer Engine delayed-scaling model would be evaluated without the
+    checkpoint's FP8 state (TE's scales would all be 1.0: it only updates them when training)."""
     from precision import load_te_fp8_state
 
     path = os.path.join(out_dir, f"model_{ckpt}.pt")
@@ -375,7 +375,8 @@ def load_trained(out_dir, ckpt="last", backend=None, device="cpu"):
         raise CheckpointError(f"{path} does not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}")
     info["trained_in_fp8"] = any(".fp8_" in k for k in state) or bool(te_state) or \
         (info.get("config") or {}).get("precision") == "fp8"
-    if getattr(model.backend, "name", None) == "te":
+    # current scaling keeps no state: each cast takes its scale from the tensor itself
+    if getattr(model.backend, "name", None) == "te" and model.backend.recipe_name == "delayed":
         if not te_state:
             raise CheckpointError(f"{out_dir} ({ckpt}) holds no Transformer Engine FP8 scaling state (a run trained "
                                   f"with another FP8 backend, or an older checkpoint): TE would evaluate with every "

@@ -27,6 +27,7 @@ every GEMM with bf16 semantics as an fp32 GEMM on the bf16 (or FP8) operand valu
 once to bf16: the same arithmetic up to accumulation order (see choose_cpu_gemm).
 """
 import contextlib
+import functools
 
 import torch
 import torch.nn as nn
@@ -168,7 +169,7 @@ class BF16Backend:
     def matmul(self, a, b):
         return matmul(a, b, self.cpu_gemm)
 
-    def autocast(self, model=None):
+    def autocast(self, model=None, first_micro_batch=None):
         return torch.autocast(device_type=self.device_type, dtype=torch.bfloat16)
 
     def checkpoint(self, fn, *args):
@@ -200,30 +201,56 @@ def fp8_max(dtype):
 
 def amax_of(x):
     """max |x| in fp32, skipping NaN elements as TE's amax kernel does (fmaxf ignores a NaN
-    operand), so one NaN cannot freeze a scale. One vectorised pass (aminmax) in the common case."""
-    x = x.detach()
-    if x.is_cuda:  # extra passes are cheap on a GPU, a host sync is not
-        return torch.nan_to_num(x.abs(), nan=0.0, posinf=float("inf")).amax().float()
-    lo, hi = torch.aminmax(x)
-    amax = torch.maximum(hi, -lo).float()
-    if torch.isnan(amax):
-        amax = torch.where(torch.isnan(x), 0.0, x.abs()).amax().float()
-    return amax
+    operand), so one NaN cannot freeze a scale."""
+    x = x.detach().float()
+    return torch.where(torch.isnan(x), 0.0, x.abs()).amax()
 
 
-def quantize(x, scale, dtype, amax=None):
-    """Cast x*scale to `dtype`, saturating. Returns (fp8 tensor, number of saturated elements).
-    On CPU the saturation count and the clamp are only computed when amax*scale can exceed
-    the format's maximum, which keeps the common case to two passes over x."""
-    limit = fp8_max(dtype)
-    amax = amax_of(x) if amax is None else amax
-    y = x.to(torch.float32, copy=True).mul_(scale)
-    if y.is_cuda or bool(amax * scale > limit):  # on a GPU always: no host sync
-        saturated = torch.count_nonzero(y.abs() > limit)
-        y.clamp_(-limit, limit)
-    else:
-        saturated = torch.zeros((), dtype=torch.long, device=x.device)
-    return y.to(dtype), saturated
+def current_scale(amax, limit):
+    """Float8CurrentScaling's scale for a tensor of this amax: a true fp32 division, as TE's
+    __fdiv_rn (a Python number / tensor multiplies by the reciprocal, one ulp off); an
+    overflow becomes fp32's maximum (TE's value_for_inf); a zero or non-finite amax gives 1."""
+    scale = (torch.full_like(amax, limit) / amax).clamp(max=torch.finfo(torch.float32).max)
+    return torch.where((amax > 0) & torch.isfinite(amax), scale, torch.ones_like(scale))
+
+
+def cast_to_fp8(x, scales, role: int, fp8_dtype: torch.dtype, current_scaling: bool, wide_dtype=None):
+    """The one FP8 cast of both FP8 backends: amax, scale (scales[role], or the tensor's own
+    under current scaling), saturation count and the saturating cast, with no host sync.
+    Returns (fp8 tensor, amax, number of saturated elements, scale); with wide_dtype the FP8
+    values come in that dtype (exact: the emulated GEMM's operands, without a second pass).
+    cast_function(True) is this function compiled (one fused pass); both give the same bits,
+    NaNs included."""
+    limit = torch.finfo(fp8_dtype).max
+    amax = amax_of(x)
+    scale = current_scale(amax, limit) if current_scaling else scales[role]
+    y = x.detach().float() * scale
+    saturated = (y.abs() > limit).sum()
+    y = y.clamp(-limit, limit)
+    # one NaN for every NaN: eager keeps the input's sign bit, inductor's clamp may not
+    y = torch.where(torch.isnan(y), torch.full_like(y, float("nan")), y).to(fp8_dtype)
+    return (y if wide_dtype is None else y.to(wide_dtype)), amax, saturated, scale
+
+
+@functools.cache
+def cast_function(compiled):
+    """cast_to_fp8, or its torch.compile'd form (made once, dynamic shapes: a graph per role,
+    input dtype, recipe and operand dtype, whatever the GEMM sizes; up to 64 of them, where
+    torch's default of 8 would end a run that evaluates in fp32 besides training in bf16)."""
+    if not compiled:
+        return cast_to_fp8
+    compiled_cast = torch.compile(cast_to_fp8, fullgraph=True, dynamic=True)
+
+    def cast(*args):
+        with torch._dynamo.config.patch(recompile_limit=64):
+            return compiled_cast(*args)
+    return cast
+
+
+def quantize(x, scale, dtype):
+    """Cast x*scale to `dtype`, saturating. Returns (fp8 tensor, number of saturated elements)."""
+    q, _, saturated, _ = cast_to_fp8(x, scale.reshape(1), 0, dtype, False)
+    return q, saturated
 
 
 def dequantize(q, scale):
@@ -238,21 +265,34 @@ class EmulatedGemm:
     bf16_gemm_dtype = torch.bfloat16
 
     @classmethod
+    def operand_dtype(cls, out_dtype):
+        """The dtype the GEMM takes its FP8 operands in (None: float8 itself)."""
+        return cls.bf16_gemm_dtype if out_dtype == torch.bfloat16 else torch.float32
+
+    @classmethod
     def widen(cls, q, out_dtype):
-        return q.to(cls.bf16_gemm_dtype if out_dtype == torch.bfloat16 else torch.float32)
+        return q.to(cls.operand_dtype(out_dtype))
 
     @staticmethod
     def operands(a, b):
         return a, b  # any layout
 
     @classmethod
-    def mm(cls, a, b, a_inv, b_inv, out_dtype, bias=None):
+    def mm(cls, a, b, a_inv, b_inv, out_dtype, bias=None, fast_accum=False):
+        """fast_accum (Hopper's reduced-precision accumulation, asked for by the forward GEMM
+        as in TE) is not emulated: every emulated GEMM accumulates in fp32."""
         a, b = cls.widen(a, out_dtype), cls.widen(b, out_dtype)
+        # the bias in the output's precision (bf16 under autocast), added before the one rounding
+        bias = None if bias is None else bias.to(out_dtype).to(a.dtype)
+        if a.dtype == torch.float32:  # the factors multiply the fp32 accumulator on the device: no host sync
+            out = (a @ b).mul_(a_inv * b_inv)
+            return (out if bias is None else out.add_(bias)).to(out_dtype)
+        # a bf16 GEMM must apply the factors before its rounding to bf16, and only addmm's alpha
+        # (a Python number: one host sync) does that; CPUs have no bf16 GEMM with fp32 output
         alpha = (a_inv * b_inv).item()
         if bias is None:
             return torch.addmm(torch.zeros((), dtype=a.dtype, device=a.device), a, b, beta=0, alpha=alpha).to(out_dtype)
-        # the bias in the output's precision (bf16 under autocast), added before the one rounding
-        return torch.addmm(bias.to(out_dtype).to(a.dtype), a, b, alpha=alpha).to(out_dtype)
+        return torch.addmm(bias, a, b, alpha=alpha).to(out_dtype)
 
 
 class EmulatedGemmInFP32(EmulatedGemm):
@@ -298,20 +338,24 @@ class ScaledMMGemm:
     output, the bias fused; operands laid out as the CUDA kernel requires."""
 
     @staticmethod
+    def operand_dtype(out_dtype):
+        return None  # the GEMM takes float8
+
+    @staticmethod
     def widen(q, out_dtype):
-        return q  # the GEMM takes float8
+        return q
 
     @staticmethod
     def operands(a, b):
         return _row_major(a), _col_major(b)
 
     @staticmethod
-    def mm(a, b, a_inv, b_inv, out_dtype, bias=None):
+    def mm(a, b, a_inv, b_inv, out_dtype, bias=None, fast_accum=False):
         error = scaled_mm_error(a, b, a_inv, b_inv)
         if error:
             raise ValueError(f"FP8 GEMM {tuple(a.shape)} @ {tuple(b.shape)}: {error}")
         out = torch._scaled_mm(a, b, scale_a=a_inv, scale_b=b_inv, out_dtype=torch.bfloat16,
-                               bias=None if bias is None else bias.to(torch.bfloat16))
+                               bias=None if bias is None else bias.to(torch.bfloat16), use_fast_accum=fast_accum)
         return out.to(out_dtype)
 
 
@@ -323,7 +367,7 @@ class ScaledMMGemmInFP32(ScaledMMGemm):
     order). The operands are checked, laid out and saved as for the kernel."""
 
     @staticmethod
-    def mm(a, b, a_inv, b_inv, out_dtype, bias=None):
+    def mm(a, b, a_inv, b_inv, out_dtype, bias=None, fast_accum=False):
         error = scaled_mm_error(a, b, a_inv, b_inv)
         if error:
             raise ValueError(f"FP8 GEMM {tuple(a.shape)} @ {tuple(b.shape)}: {error}")
@@ -334,40 +378,40 @@ class _FP8LinearFunction(torch.autograd.Function):
     """y = x @ w.T + b with x, w in E4M3 and dy in E5M2, fp32 accumulation. Saves the
     quantized x and w for backward as the GEMM takes them: float8 (one byte per element,
     as Transformer Engine) for torch._scaled_mm, FP8-valued bf16 for the emulation.
-    The GEMM comes from the layer (EmulatedGemm or ScaledMMGemm)."""
+    The GEMM (EmulatedGemm or ScaledMMGemm) and the cast (cast_to_fp8, compiled or not)
+    come from the layer."""
 
     @staticmethod
     @torch.autocast("cpu", enabled=False)
     @torch.autocast("cuda", enabled=False)
     def forward(ctx, x, weight, bias, layer, training_step, out_dtype):
-        ax, aw = amax_of(x), amax_of(weight)
-        sx, sw = layer.scale_for(0, ax), layer.scale_for(1, aw)
-        xq, sat_x = quantize(x.reshape(-1, x.shape[-1]), sx, E4M3, ax)
-        wq, sat_w = quantize(weight, sw, E4M3, aw)
+        cast, current, gemm = layer.fp8_cast, layer.recipe == "current", layer.fp8_gemm
+        # plain tensors, so that a compiled cast sees one kind of input: no Parameter (whose shape it
+        # would fix), no autograd, no view into the stacked scaling state
+        scales, wide = layer.fp8_scale.clone(), gemm.operand_dtype(out_dtype)
+        xq, ax, sat_x, sx = cast(x.detach().reshape(-1, x.shape[-1]), scales, 0, E4M3, current, wide)
         if training_step:  # evaluation leaves the scaling state as it is
             layer.record(0, ax, sat_x)
-            layer.record(1, aw, sat_w)
-        gemm = layer.fp8_gemm
-        xq, wq = gemm.widen(xq, out_dtype), gemm.widen(wq, out_dtype)  # each serves two GEMMs
-        out = gemm.mm(*gemm.operands(xq, wq.t()), sx.reciprocal(), sw.reciprocal(), out_dtype, bias)
-        ctx.save_for_backward(xq, wq, sx, sw)
+        wq, sw = _fp8_weight(layer, weight, scales, current, wide, training_step)
+        x_inv, w_inv = sx.reciprocal(), sw.reciprocal()
+        out = gemm.mm(*gemm.operands(xq, wq.t()), x_inv, w_inv, out_dtype, bias, fast_accum=True)
+        ctx.save_for_backward(xq, wq, x_inv, w_inv)
         ctx.layer, ctx.has_bias = layer, bias is not None
         ctx.x_dtype, ctx.w_dtype, ctx.out_dtype = x.dtype, weight.dtype, out_dtype
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        xq, wq, sx, sw = ctx.saved_tensors
+        xq, wq, x_inv, w_inv = ctx.saved_tensors
         layer, gemm = ctx.layer, ctx.layer.fp8_gemm
         g = grad_out.reshape(-1, grad_out.shape[-1])
-        ag = amax_of(g)
-        sg = layer.scale_for(2, ag)
-        gq, sat_g = quantize(g, sg, E5M2, ag)
+        gq, ag, sat_g, sg = layer.fp8_cast(g.detach(), layer.fp8_scale.clone(), 2, E5M2, layer.recipe == "current",
+                                           gemm.operand_dtype(ctx.out_dtype))
         layer.record(2, ag, sat_g)
-        gq = gemm.widen(gq, ctx.out_dtype)  # the gradient serves dgrad and wgrad
-        g_inv, x_inv, w_inv = sg.reciprocal(), sx.reciprocal(), sw.reciprocal()
+        g_inv = sg.reciprocal()
         grad_x = grad_w = grad_b = None
-        # both GEMMs produce the activation dtype, as the forward one (TE under autocast)
+        # both GEMMs produce the activation dtype, as the forward one (TE under autocast);
+        # they accumulate in full precision (TE's dgrad and wgrad)
         if ctx.needs_input_grad[0]:  # dgrad: E5M2 gradient x E4M3 weight
             grad_x = gemm.mm(*gemm.operands(gq, wq), g_inv, w_inv, ctx.out_dtype).to(ctx.x_dtype)
             grad_x = grad_x.reshape(*grad_out.shape[:-1], wq.shape[-1])
@@ -379,6 +423,20 @@ class _FP8LinearFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None
 
 
+def _fp8_weight(layer, weight, scales, current, wide, training_step):
+    """The layer's FP8 weight and its scale: cast now, or, in a later micro-batch of the
+    iteration, the one the first micro-batch cast (MicroBatches)."""
+    micro_batches, cached = layer.fp8_micro_batches, layer.fp8_weight_cache
+    key = (micro_batches.iteration, wide)
+    if training_step and micro_batches.first is False and cached is not None and cached[0] == key:
+        return cached[1], cached[2]
+    wq, aw, sat_w, sw = layer.fp8_cast(weight.detach(), scales, 1, E4M3, current, wide)
+    if training_step:
+        layer.record(1, aw, sat_w)
+        layer.fp8_weight_cache = (key, wq, sw) if micro_batches.first else None
+    return wq, sw
+
+
 def output_dtype(x):
     """The dtype an FP8 layer returns: the autocast dtype inside autocast (TE's rule; CUDA
     autocast runs layer_norm in fp32, which must not leak into the residual stream)."""
@@ -387,13 +445,35 @@ def output_dtype(x):
     return x.dtype
 
 
+class MicroBatches:
+    """Where training stands in an iteration, shared by a backend's FP8 layers: TE's
+    is_first_microbatch. `first` None: every forward casts its weight and keeps nothing (one
+    micro-batch per iteration, evaluation); True: the first micro-batch of an iteration casts
+    and keeps its FP8 weight; False: a later micro-batch reuses it, since the optimizer has not
+    stepped (the weight amax is then not recorded again and its history does not roll, as in TE)."""
+
+    def __init__(self):
+        self.first, self.iteration = None, 0
+
+    def enter(self, first):
+        self.first = first
+        self.iteration += bool(first)
+
+
+FP8_STATE_BUFFERS = ("fp8_scale", "fp8_amax_history", "fp8_amax_pending", "fp8_saturated", "fp8_saturated_flags",
+                     "fp8_saturated_tensors")
+
+
 class _FP8State:
     """Per-GEMM scaling state, all of it in buffers so that it is checkpointed and moves
     with the module: scale[3], amax_history[H, 3] (row 0 newest), the amax seen since the
-    last update (amax_pending[3]) and saturation counters since the last telemetry read."""
+    last update (amax_pending[3]) and saturation counters since the last telemetry read.
+    Inside a model the buffers are views of one stacked tensor per quantity (FP8ScalingState)."""
 
-    def _init_fp8_state(self, recipe, history_len, compute_algo, gemm):
-        self.recipe, self.compute_algo, self.fp8_gemm = recipe, compute_algo, gemm
+    def _init_fp8_state(self, recipe, history_len, compute_algo, gemm, cast, micro_batches):
+        self.recipe, self.compute_algo, self.fp8_gemm, self.fp8_cast = recipe, compute_algo, gemm, cast
+        self.fp8_micro_batches = micro_batches or MicroBatches()
+        self.fp8_weight_cache = None  # ((iteration, operand dtype), FP8 weight, its scale): not state, not saved
         self.register_buffer("fp8_scale", torch.ones(3))
         self.register_buffer("fp8_amax_history", torch.zeros(history_len, 3))
         self.register_buffer("fp8_amax_pending", torch.zeros(3))
@@ -404,11 +484,9 @@ class _FP8State:
         self.register_buffer("fp8_saturated_tensors", torch.zeros(3, dtype=torch.long), persistent=False)
 
     def scale_for(self, role, amax):
+        """The scale a cast of `role` with this amax uses now (as cast_to_fp8 computes it)."""
         if self.recipe == "current":
-            # a true fp32 division, as TE's __fdiv_rn (a Python number / tensor multiplies by the
-            # reciprocal, one ulp off); an overflow becomes fp32's maximum, TE's value_for_inf
-            scale = (amax.new_full((), fp8_max(ROLE_DTYPES[role])) / amax).clamp(max=torch.finfo(torch.float32).max)
-            return torch.where((amax > 0) & torch.isfinite(amax), scale, torch.ones_like(scale))
+            return current_scale(amax, fp8_max(ROLE_DTYPES[role]))
         return self.fp8_scale[role].clone()
 
     def record(self, role, amax, saturated):
@@ -417,33 +495,12 @@ class _FP8State:
         self.fp8_saturated[role] += saturated
         self.fp8_saturated_flags[role] |= saturated > 0
 
-    @torch.no_grad()
-    def update_scales(self, reduced_pending):
-        """Push the amax of the step just finished and compute the scales for the next one,
-        as TE's fused update after the amax reduction (delayed_scaling.cu, kernel_bulk): a
-        role whose newest amax is 0 (no data this step) keeps its history and its scale;
-        a non-finite or zero window amax keeps the scale; a scale that overflows fp32
-        becomes fp32's maximum."""
-        fresh = reduced_pending != 0
-        rolled = torch.roll(self.fp8_amax_history, 1, 0)
-        rolled[0] = reduced_pending
-        self.fp8_amax_history.copy_(torch.where(fresh, rolled, self.fp8_amax_history))
-        amax = self.fp8_amax_history.amax(0) if self.compute_algo == "max" else self.fp8_amax_history[0]
-        amax = torch.where(fresh, amax, torch.zeros_like(amax))
-        maxes = torch.tensor([fp8_max(d) for d in ROLE_DTYPES], device=amax.device)
-        new = maxes / amax
-        keep = ~((amax > 0) & torch.isfinite(amax))  # TE keeps the previous scale then
-        new = torch.where(keep, self.fp8_scale, new)
-        new = torch.where(torch.isinf(new), torch.full_like(new, torch.finfo(torch.float32).max), new)
-        self.fp8_scale.copy_(new)
-        self.fp8_amax_pending.zero_()
-
 
 class FP8Linear(_FP8State, Linear):
     def __init__(self, in_features, out_features, bias=True, init_std=0.02, *, recipe, history_len, compute_algo,
-                 gemm=EmulatedGemm):
+                 gemm=EmulatedGemm, cast=cast_to_fp8, micro_batches=None):
         super().__init__(in_features, out_features, bias=bias, init_std=init_std)
-        self._init_fp8_state(recipe, history_len, compute_algo, gemm)
+        self._init_fp8_state(recipe, history_len, compute_algo, gemm, cast, micro_batches)
 
     def forward(self, x):
         return _FP8LinearFunction.apply(x, self.weight, self.bias, self, self.training and torch.is_grad_enabled(),
@@ -454,9 +511,9 @@ class FP8LayerNormLinear(_FP8State, LayerNormLinear):
     """LayerNorm in high precision, its output quantized as the GEMM input (TE's LayerNormLinear)."""
 
     def __init__(self, in_features, out_features, bias=True, init_std=0.02, *, recipe, history_len, compute_algo,
-                 gemm=EmulatedGemm):
+                 gemm=EmulatedGemm, cast=cast_to_fp8, micro_batches=None):
         super().__init__(in_features, out_features, bias=bias, init_std=init_std)
-        self._init_fp8_state(recipe, history_len, compute_algo, gemm)
+        self._init_fp8_state(recipe, history_len, compute_algo, gemm, cast, micro_batches)
 
     def forward(self, x):
         return _FP8LinearFunction.apply(self.layer_norm(x), self.weight, self.bias, self,
@@ -481,13 +538,15 @@ class EmulatedFP8Backend:
     name = "emulated"
 
     def __init__(self, recipe="delayed", amax_history_len=16, amax_compute_algo="max", device_type="cpu",
-                 cpu_gemm="auto"):
-        self.recipe, self.device_type = recipe, device_type
+                 cpu_gemm="auto", compile_casts=False):
+        self.recipe, self.device_type, self.compile_casts = recipe, device_type, compile_casts
         self.cpu_gemm, self.cpu_gemm_why = choose_cpu_gemm(cpu_gemm, device_type)
         gemm = self.fp8_gemm(cpu_gemm)
         if gemm is ScaledMMGemmInFP32 and cpu_gemm == "auto":  # the run's first lines say where its FP8 GEMMs run
             self.cpu_gemm_why += "; FP8 GEMMs as fp32 GEMMs on their float8 values (--cpu_gemm=native calls torch._scaled_mm)"
-        kw = dict(recipe=recipe, history_len=amax_history_len, compute_algo=amax_compute_algo, gemm=gemm)
+        self.micro_batches = MicroBatches()
+        kw = dict(recipe=recipe, history_len=amax_history_len, compute_algo=amax_compute_algo, gemm=gemm,
+                  cast=cast_function(compile_casts), micro_batches=self.micro_batches)
         self.Linear = lambda i, o, bias=True, init_std=0.02: FP8Linear(i, o, bias, init_std, **kw)
         self.LayerNormLinear = lambda i, o, bias=True, init_std=0.02: FP8LayerNormLinear(i, o, bias, init_std, **kw)
 
@@ -495,10 +554,13 @@ class EmulatedFP8Backend:
         return EmulatedGemmInFP32 if self.cpu_gemm == "fp32" else EmulatedGemm
 
     @contextlib.contextmanager
-    def autocast(self, model=None):
+    def autocast(self, model=None, first_micro_batch=None):
         """Entering applies the amax recorded since the last entry (the previous micro-batch's
         forward and backward), max-reduced across data-parallel ranks in one collective;
-        the FP8 GEMMs then run with activations in bf16 around them."""
+        the FP8 GEMMs then run with activations in bf16 around them. first_micro_batch: True
+        or False where an iteration has several micro-batches, so that weights are cast once
+        per iteration (MicroBatches); None casts them in every forward."""
+        self.micro_batches.enter(first_micro_batch if torch.is_grad_enabled() else None)
         if model is not None:
             update_fp8_scales(model)
         with torch.autocast(device_type=self.device_type, dtype=torch.bfloat16):
@@ -531,25 +593,83 @@ def _distributed():
         torch.distributed.get_world_size() > 1
 
 
+class FP8ScalingState:
+    """A model's FP8 scaling state as one tensor per quantity, the GEMMs stacked on dim 0:
+    fp8_scale [L, 3], fp8_amax_history [L, H, 3], fp8_amax_pending [L, 3] and the counters.
+    Each layer's fp8_* buffers become views of its row, so a layer reads and records its own
+    row and checkpoints keep per-layer keys, while the amax reduction is one collective and the
+    scale update a fixed number of ops whatever L (TE's reduce_and_update_fp8_tensors).
+    A buffer replaced since (module.to(), a dtype cast) makes the state rebuild from the
+    buffers' current values."""
+
+    def __init__(self, named_layers):
+        self.names, layers = [n for n, _ in named_layers], [m for _, m in named_layers]
+        self.layers = layers
+        self.recipe, self.compute_algo = layers[0].recipe, layers[0].compute_algo
+        if any((m.recipe, m.compute_algo) != (self.recipe, self.compute_algo) for m in layers):
+            raise ValueError("the FP8 layers of one model must share one recipe and amax_compute_algo")
+        self.stacked = {n: torch.stack([getattr(m, n) for m in layers]) for n in FP8_STATE_BUFFERS}
+        for i, m in enumerate(layers):
+            for n, t in self.stacked.items():
+                m._buffers[n] = t[i]
+        self.storages = {n: t.untyped_storage().data_ptr() for n, t in self.stacked.items()}
+        # made once: a tensor built from Python numbers at every update would be a host-to-device copy
+        self.maxes = torch.tensor(ROLE_MAXES, device=self.stacked["fp8_scale"].device)
+
+    def intact(self):
+        return all(m._buffers[n].untyped_storage().data_ptr() == ptr for m in self.layers
+                   for n, ptr in self.storages.items())
+
+    @classmethod
+    def of(cls, model):
+        """The model's state, built at the first call (None for a model without FP8 layers)."""
+        state = model.__dict__.get("_fp8_scaling_state")
+        if state is None or not state.intact():
+            layers = fp8_layers(model)
+            state = cls(layers) if layers else None
+            model.__dict__["_fp8_scaling_state"] = state
+        return state
+
+    def update(self):
+        """Close the micro-batch just run: max-reduce the amaxes and saturation flags over the
+        data-parallel ranks in one collective, count the casts that clipped on any rank, and
+        (delayed scaling) push the amaxes and compute the next scales."""
+        s = self.stacked
+        pending = torch.cat([s["fp8_amax_pending"], s["fp8_saturated_flags"].float()], dim=1)
+        if _distributed():
+            torch.distributed.all_reduce(pending, op=torch.distributed.ReduceOp.MAX)
+        s["fp8_saturated_tensors"] += pending[:, 3:].long()
+        s["fp8_saturated_flags"].zero_()
+        if self.recipe == "delayed":  # current scaling keeps no history: its pending amax is telemetry
+            delayed_scaling_update(s["fp8_amax_history"], s["fp8_scale"], pending[:, :3], self.compute_algo, self.maxes)
+        s["fp8_amax_pending"].zero_()
+
+
+def delayed_scaling_update(history, scale, newest, compute_algo, maxes):
+    """TE's fused update after the amax reduction (delayed_scaling.cu, kernel_bulk), for all
+    GEMMs at once (history [L, H, 3], row 0 newest here; scale and newest [L, 3]): push the
+    newest amax and compute the scale for the next step. A role whose newest amax is 0 (no
+    data this step) keeps its history and its scale; a non-finite or zero window amax keeps
+    the scale; a scale that overflows fp32 becomes fp32's maximum. In place, no host sync."""
+    fresh = newest != 0
+    rolled = torch.roll(history, 1, 1)
+    rolled[:, 0] = newest
+    history.copy_(torch.where(fresh.unsqueeze(1), rolled, history))
+    amax = history.amax(1) if compute_algo == "max" else history[:, 0]
+    amax = torch.where(fresh, amax, torch.zeros_like(amax))
+    new = maxes / amax
+    keep = ~((amax > 0) & torch.isfinite(amax))  # TE keeps the previous scale then
+    new = torch.where(keep, scale, new)
+    new = torch.where(torch.isinf(new), torch.full_like(new, torch.finfo(torch.float32).max), new)
+    scale.copy_(new)
+
+
 @torch.no_grad()
 def update_fp8_scales(model):
-    """Close the micro-batch just run: max-reduce its amaxes and saturation flags over the
-    data-parallel ranks in one collective, count the casts that clipped on any rank, and
-    (delayed scaling) push the amaxes and compute the next scales. Current scaling keeps no
-    history: its pending amax is only telemetry."""
-    layers = [m for _, m in fp8_layers(model)]
-    if not layers:
-        return
-    pending = torch.stack([torch.cat([m.fp8_amax_pending, m.fp8_saturated_flags.float()]) for m in layers])
-    if _distributed():
-        torch.distributed.all_reduce(pending, op=torch.distributed.ReduceOp.MAX)
-    for m, p in zip(layers, pending):
-        m.fp8_saturated_tensors += p[3:].long()
-        m.fp8_saturated_flags.zero_()
-        if m.recipe == "delayed":
-            m.update_scales(p[:3])
-        else:
-            m.fp8_amax_pending.zero_()
+    """FP8ScalingState.update() of the model's state (nothing for a model without FP8 layers)."""
+    state = FP8ScalingState.of(model)
+    if state is not None:
+        state.update()
 
 
 @torch.no_grad()
@@ -558,26 +678,29 @@ def fp8_telemetry(model):
     elements saturated since the last call (summed over ranks); `fp8_saturated_tensors`, as
     TE's SaturationCounter: the (GEMM, role, micro-batch) casts since the last call that clipped
     on any rank, i.e. whose amax (max over ranks) times its scale exceeded the format's maximum.
-    Resets the saturation counters."""
-    layers = fp8_layers(model)
-    if not layers:
+    Resets the saturation counters. Reads the device once."""
+    state = FP8ScalingState.of(model)
+    if state is None:
         return {}
-    sat = torch.stack([m.fp8_saturated for _, m in layers])
-    pending = torch.stack([torch.cat([m.fp8_amax_pending, m.fp8_saturated_flags.float()]) for _, m in layers])
+    s = state.stacked
+    sat = s["fp8_saturated"].clone()
+    pending = torch.cat([s["fp8_amax_pending"], s["fp8_saturated_flags"].float()], dim=1)
     if _distributed():
         torch.distributed.all_reduce(sat)
         torch.distributed.all_reduce(pending, op=torch.distributed.ReduceOp.MAX)
-    tensors = torch.stack([m.fp8_saturated_tensors for _, m in layers]).sum() + pending[:, 3:].sum().long()
-    sat_list, amax = sat.tolist(), pending[:, :3].tolist()
-    for _, m in layers:
-        m.fp8_saturated.zero_()
-        m.fp8_saturated_flags.zero_()  # counted now (the next update must not count them again)
-        m.fp8_saturated_tensors.zero_()
+    tensors = s["fp8_saturated_tensors"].sum() + pending[:, 3:].sum().long()
+    for n in ("fp8_saturated", "fp8_saturated_flags", "fp8_saturated_tensors"):
+        s[n].zero_()  # the flags are counted now: the next update must not count them again
+    # one device-to-host transfer; float64 holds the counts and the fp32 amaxes exactly
+    rows = torch.cat([sat.double(), pending[:, :3].double(), tensors.double().expand(1, 3)]).tolist()
+    n = len(state.layers)
+    sat_rows, amax_rows, clipped = rows[:n], rows[n:2 * n], rows[-1][0]
+    names = state.names
     return {
-        "fp8_amax": {n: dict(zip(ROLES, a)) for (n, _), a in zip(layers, amax)},
-        "fp8_saturated": {n: dict(zip(ROLES, s)) for (n, _), s in zip(layers, sat_list)},
-        "fp8_saturated_total": int(sum(map(sum, sat_list))),
-        "fp8_saturated_tensors": int(tensors),
+        "fp8_amax": {name: dict(zip(ROLES, a)) for name, a in zip(names, amax_rows)},
+        "fp8_saturated": {name: dict(zip(ROLES, map(int, r))) for name, r in zip(names, sat_rows)},
+        "fp8_saturated_total": int(sum(map(sum, sat_rows))),
+        "fp8_saturated_tensors": int(clipped),
     }
 
 
@@ -621,20 +744,57 @@ def te_fp8_state(model):
 
 @torch.no_grad()
 def load_te_fp8_state(model, state, recipe):
-    """Put te_fp8_state() back into TE modules, initialising their FP8 metadata for `recipe`
-    first as TE's own set_extra_state does (a later first forward keeps tensors that are
-    already initialised for a delayed-scaling recipe). Returns the number of modules set."""
+    """Put te_fp8_state() back into TE modules that may never have run a forward, as TE's own
+    set_extra_state does (TE 2.4-2.18, module/base.py): first the fp8_meta entries a forward
+    would have set (num_gemms, which set_meta_tensor reads to size the state: 3 scales per GEMM
+    forward, 2 backward; the recipe; fp8_checkpoint, without which get_extra_state saves
+    nothing), then init_fp8_meta_tensors(recipe), then the tensors copied in place. A later
+    first forward with the same delayed recipe keeps these tensors (set_meta_tensor returns
+    early once fp8_meta_tensors_initialized). Returns the number of modules set."""
     n = 0
     for name, m in model.named_modules():
         if not hasattr(m, "init_fp8_meta_tensors") or f"{name}.scaling_fwd.scale" not in state:
             continue
+        m.fp8_meta["num_gemms"] = state[f"{name}.scaling_fwd.scale"].numel() // 3  # 1 for Linear, LayerNormLinear
         m.fp8_meta["recipe"] = recipe
+        m.fp8_meta["fp8_checkpoint"] = True
         m.init_fp8_meta_tensors(recipe)
         for key in ("scaling_fwd", "scaling_bwd"):
             m.fp8_meta[key].scale.copy_(state[f"{name}.{key}.scale"])
             m.fp8_meta[key].amax_history.copy_(state[f"{name}.{key}.amax_history"])
         n += 1
     return n
+
+
+@contextlib.contextmanager
+def _nested(outer, inner):
+    with outer, inner:
+        yield
+
+
+@contextlib.contextmanager
+def te_state_unchanged(model):
+    """Leaves a TE model's delayed-scaling state as it was on entry. Under no_grad TE's forward
+    still max-writes each cast's amax into row 0 of the amax history (its cast kernels'
+    atomicMax), and only skips the update at autocast exit: the next training update would take
+    the evaluation's amaxes. Restored in place (TE's quantizers hold views of these tensors);
+    a module first initialised inside starts again from TE's initial state (scale 1, empty
+    history)."""
+    before = {id(m): {k: (m.fp8_meta[k].scale.clone(), m.fp8_meta[k].amax_history.clone())
+                      for k in ("scaling_fwd", "scaling_bwd")} for _, m in te_fp8_modules(model)}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for _, m in te_fp8_modules(model):
+                for k in ("scaling_fwd", "scaling_bwd"):
+                    meta = m.fp8_meta[k]
+                    if id(m) in before:
+                        meta.scale.copy_(before[id(m)][k][0])
+                        meta.amax_history.copy_(before[id(m)][k][1])
+                    else:
+                        meta.scale.fill_(1.0)
+                        meta.amax_history.zero_()
 
 
 class SaturationCounter:
@@ -684,31 +844,39 @@ class TransformerEngineBackend:
         import transformer_engine.pytorch as te
         from transformer_engine.common.recipe import DelayedScaling, Float8CurrentScaling, Format
 
-        self.te = te
+        self.te, self.recipe_name = te, recipe
         if recipe == "delayed":
             self.recipe = DelayedScaling(fp8_format=Format.HYBRID, amax_history_len=amax_history_len,
                                          amax_compute_algo=amax_compute_algo, margin=0)
         else:
             self.recipe = Float8CurrentScaling(fp8_format=Format.HYBRID)
         self.amax_reduction_group = amax_reduction_group
-        self.saturation = SaturationCounter()
+        self.saturation, self.micro_batches = SaturationCounter(), MicroBatches()
         # TE's default init differs from GPT-2's: pass ours explicitly
         init = lambda std: (lambda w: nn.init.normal_(w, mean=0.0, std=std))
-        Linear, LayerNormLinear = _without_pickled_extra_state(te.Linear), _without_pickled_extra_state(te.LayerNormLinear)
+        Linear, LayerNormLinear = (_te_layer(te.Linear, self.micro_batches),
+                                   _te_layer(te.LayerNormLinear, self.micro_batches))
         self.Linear = lambda i, o, bias=True, init_std=0.02: Linear(
             i, o, bias=bias, init_method=init(init_std), params_dtype=torch.get_default_dtype())
         self.LayerNormLinear = lambda i, o, bias=True, init_std=0.02: LayerNormLinear(
             i, o, bias=bias, eps=1e-5, init_method=init(init_std), params_dtype=torch.get_default_dtype())
 
-    def autocast(self, model=None):
+    def autocast(self, model=None, first_micro_batch=None):
+        """TE's autocast; first_micro_batch goes to every TE layer's forward as TE's
+        is_first_microbatch (weights cast once per iteration)."""
+        self.micro_batches.enter(first_micro_batch if torch.is_grad_enabled() else None)
         if model is not None and torch.is_grad_enabled():  # a training micro-batch
             self.saturation.step(model)
         group = self.amax_reduction_group
         if group is None and torch.distributed.is_available() and torch.distributed.is_initialized():
             group = torch.distributed.group.WORLD  # amax max-reduced over the data-parallel group
         if hasattr(self.te, "autocast"):  # TE >= 2.9
-            return self.te.autocast(enabled=True, recipe=self.recipe, amax_reduction_group=group)
-        return self.te.fp8_autocast(enabled=True, fp8_recipe=self.recipe, fp8_group=group)
+            te_autocast = self.te.autocast(enabled=True, recipe=self.recipe, amax_reduction_group=group)
+        else:
+            te_autocast = self.te.fp8_autocast(enabled=True, fp8_recipe=self.recipe, fp8_group=group)
+        if model is None or torch.is_grad_enabled():
+            return te_autocast
+        return _nested(te_state_unchanged(model), te_autocast)  # an evaluation: as our other backends, no trace
 
     def matmul(self, a, b):
         return a @ b
@@ -730,13 +898,19 @@ class TransformerEngineBackend:
         return {"fp8_amax": amax, "fp8_saturated_tensors": self.saturation.read(model)}
 
 
-def _without_pickled_extra_state(te_module_class):
+def _te_layer(te_module_class, micro_batches):
     """A TE module class whose _extra_state is empty on save and ignored on load (the FP8
     state is restored from te_fp8_state's plain tensors instead), so that neither DeepSpeed's
-    strict load nor TE >= 2.18's pickle check ever sees TE's pickled recipe."""
+    strict load nor TE >= 2.18's pickle check ever sees TE's pickled recipe; and whose forward
+    passes TE's is_first_microbatch from the backend's MicroBatches."""
+    def forward(self, inp, is_first_microbatch=None, **kw):
+        first = micro_batches.first if is_first_microbatch is None else is_first_microbatch
+        return te_module_class.forward(self, inp, is_first_microbatch=first, **kw)
+
     return type(te_module_class.__name__, (te_module_class,), {
         "get_extra_state": lambda self: torch.empty(0, dtype=torch.uint8),
         "set_extra_state": lambda self, state: None,
+        "forward": forward,
     })
 
 
@@ -775,10 +949,12 @@ def choose_fp8_backend(fp8_backend="auto", capability=None, te_check=te_availabl
 
 
 def make_backend(precision="bf16", fp8_backend="auto", fp8_recipe="delayed",
-                 fp8_amax_history_len=16, fp8_amax_compute_algo="max", device_type="cpu", cpu_gemm="auto"):
+                 fp8_amax_history_len=16, fp8_amax_compute_algo="max", device_type="cpu", cpu_gemm="auto",
+                 fp8_compile_casts=False):
     """The backend for a precision. FP8 backends carry a `note` (one line, empty when there is
     nothing to say) on why fp8_backend='auto' chose what it chose. Every backend says where
-    its bf16 GEMMs run (`cpu_gemm`: 'native' or 'fp32') and why (`cpu_gemm_why`)."""
+    its bf16 GEMMs run (`cpu_gemm`: 'native' or 'fp32') and why (`cpu_gemm_why`).
+    fp8_compile_casts: the emulated and torch backends' FP8 casts through torch.compile."""
     if precision == "bf16":
         return BF16Backend(device_type, cpu_gemm)
     if precision != "fp8":
@@ -799,7 +975,8 @@ def make_backend(precision="bf16", fp8_backend="auto", fp8_recipe="delayed",
         backend = TransformerEngineBackend(fp8_recipe, fp8_amax_history_len, fp8_amax_compute_algo)
     else:
         cls = TorchFP8Backend if fp8_backend == "torch" else EmulatedFP8Backend
-        backend = cls(fp8_recipe, fp8_amax_history_len, fp8_amax_compute_algo, device_type, cpu_gemm)
+        backend = cls(fp8_recipe, fp8_amax_history_len, fp8_amax_compute_algo, device_type, cpu_gemm,
+                      fp8_compile_casts)
     backend.note = note
     return backend
 

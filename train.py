@@ -63,6 +63,7 @@ fp8_backend = "auto"  # 'auto' (FP8 GPU: TE if usable, else 'torch'; elsewhere e
 fp8_recipe = "delayed"  # 'delayed' (TE DelayedScaling) or 'current' (Float8CurrentScaling)
 fp8_amax_history_len = 16
 fp8_amax_compute_algo = "max"
+fp8_compile_casts = True  # emulated/torch FP8: amax, scale, saturation and cast as one torch.compile'd function
 cpu_gemm = "auto"  # CPU only: 'fp32' computes bf16/FP8 GEMMs as fp32 GEMMs on their values, 'native' in bf16, 'auto' asks the CPU
 # TWEO
 tweo_lambda = 0.0  # 0.01 in the paper; 0 disables the term entirely
@@ -186,9 +187,12 @@ if problem:
     die(problem)
 grad_accum = total_batch_tokens // tokens_per_micro_step
 
-# dense peak TFLOP/s per GPU for MFU: (bf16, fp8)
-GPU_PEAK_TFLOPS = {"H100": (989, 1979), "H800": (989, 1979), "H200": (989, 1979), "H20": (148, 296),
-                   "A100": (312, None), "A800": (312, None), "L40S": (362, 733), "B200": (2250, 4500)}
+# dense peak TFLOP/s per GPU for MFU: (bf16, fp8), the first name found in torch.cuda.get_device_name()
+# (so the PCIe and NVL cards before their SXM namesakes). An FP8 run's MFU divides by the FP8 peak
+# though attention stays in bf16: tokens/s, not MFU, compares the modes.
+GPU_PEAK_TFLOPS = (("H100 PCIe", 756, 1513), ("H100 NVL", 835, 1671), ("H100", 989, 1979), ("H800 PCIe", 756, 1513),
+                   ("H800", 989, 1979), ("H200 NVL", 835, 1671), ("H200", 989, 1979), ("H20", 148, 296),
+                   ("A100", 312, None), ("A800", 312, None), ("L40S", 362, 733), ("B200", 2250, 4500))
 
 # ---- the data and out_dir, still before any write ---------------------------------
 import numpy as np  # noqa: E402
@@ -311,7 +315,7 @@ if convert_from:
             f"after fixing the cause run `{' '.join(convert)}` and resume again", status=1)
 
 backend = make_backend(precision, fp8_backend, fp8_recipe, fp8_amax_history_len, fp8_amax_compute_algo, device.type,
-                       cpu_gemm)
+                       cpu_gemm, fp8_compile_casts)
 cpu_gemm_path = {"path": backend.cpu_gemm, "why": backend.cpu_gemm_why}  # in run.json and the resume event
 if master:  # a property of the device: the numerics stay bf16 or FP8 either way
     print(f"GEMM path: {backend.cpu_gemm} ({backend.cpu_gemm_why})")
@@ -362,8 +366,8 @@ from precision import keep_fp8_state_fp32, load_te_fp8_state, te_fp8_state  # no
 keep_fp8_state_fp32(raw_model)  # DeepSpeed casts float buffers to bf16; scales and amaxes stay fp32
 
 
-def autocast():
-    return backend.autocast(raw_model)
+def autocast(first_micro_batch=None):
+    return backend.autocast(raw_model, first_micro_batch)
 
 
 def get_lr(it):
@@ -547,7 +551,7 @@ def peak_flops():
     if not use_cuda:
         return None
     name = torch.cuda.get_device_name(device)
-    for key, (bf16, fp8) in GPU_PEAK_TFLOPS.items():
+    for key, bf16, fp8 in GPU_PEAK_TFLOPS:
         if key in name:
             peak = fp8 if precision == "fp8" and backend.name in ("te", "torch") and fp8 else bf16
             return peak * 1e12
@@ -665,7 +669,7 @@ while iter_num < max_iters:
     for micro_step in range(grad_accum):
         x, y = D.get_batch(train_data, D.rank_slice(offsets, micro_step, rank, world_size, micro_batch_size),
                            block_size, device)
-        with autocast():
+        with autocast(first_micro_batch=micro_step == 0 if grad_accum > 1 else None):  # FP8 weights cast once
             out = engine(x, y, with_tweo=lam > 0)
         task_loss = out.loss * float("nan") if iter_num == inject_nan_iter else out.loss
         loss = task_loss + lam * out.tweo_loss if lam > 0 else task_loss

@@ -9,7 +9,11 @@ and checks that
     last loss within --resume_rtol (1e-2; GPU kernels are not bit-deterministic);
 
 then prints Table 10's columns for one GPU (iter/hour, tokens/s, MFU, peak memory) with ratios
-against BF16. Exit status 0 when every check passes, 1 when one fails.
+against BF16, timed as the median iteration after the first tenth of the run (warm-up, compilation;
+an evaluation or checkpoint lands in a few iterations, which the median ignores), and, from
+bench/throughput.py on the same model, the ATen ops and host syncs of one micro-batch of each
+mode (the FP8 casts compiled, as train.py runs them). Exit status 0 when every check passes,
+1 when one fails.
 
     python bench/gpu_check.py                                   # demo corpus, out/gpu_check
     python bench/gpu_check.py --data_dir=data/openwebtext --total_batch_tokens=131072
@@ -27,7 +31,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from bench.runs import summarize  # noqa: E402
+from bench.runs import read_run, summarize  # noqa: E402
 
 OPTIONS = dict(config="configs/gpt2_124m_bf16.py", max_iters=50, data_dir="", out_dir="out/gpu_check",
                loss_rtol=0.05, resume_rtol=1e-2)
@@ -59,6 +63,30 @@ def losses(out_dir):
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     return {r["iter"]: r["loss"] for r in rows if "loss" in r and "event" not in r}
+
+
+def steady_state(out_dir, skip):
+    """Median seconds per iteration and median MFU over the iterations after `skip` (at
+    log_interval=1 each logged interval is one iteration)."""
+    _, rows = read_run(out_dir)
+    rows = [r for r in rows if "iter_time_s" in r and "event" not in r and r["iter"] > skip]
+    s_per_iter = statistics.median(r["iter_time_s"] for r in rows)
+    mfu = statistics.median(r["mfu"] for r in rows) if all("mfu" in r for r in rows) else None
+    return s_per_iter, mfu
+
+
+def host_cost(args, mode, out_json):
+    """(ops, host syncs) per micro-batch of `mode` on the run's model, from bench/throughput.py."""
+    backend = {"bf16": [], "torch": ["--fp8_backend=torch"], "te": ["--fp8_backend=te"]}[mode]
+    cmd = [sys.executable, "bench/throughput.py", *args, f"--modes={'bf16' if mode == 'bf16' else 'fp8'}",
+           "--iters=2", "--warmup=2", f"--json={out_json}", *backend]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if r.returncode:
+        sys.stderr.write(r.stdout[-2000:] + r.stderr[-2000:])
+        return None, None
+    with open(out_json) as f:
+        row = json.load(f)["results"][0]
+    return row["ops_per_micro_batch"], row["host_syncs_per_micro_batch"]
 
 
 def main(argv):
@@ -96,21 +124,29 @@ def main(argv):
             failures.append(f"{mode}: resume failed")
             continue
         full, again = losses(run_dir), losses(resumed)
-        results[mode] = dict(summarize(run_dir), final_loss=statistics.mean(full[i] for i in sorted(full)[-5:]),
+        summary = summarize(run_dir)
+        s_per_iter, mfu = steady_state(run_dir, max(1, n // 10))
+        ops, syncs = host_cost([opts["config"], *passthrough], mode, os.path.join(opts["out_dir"], mode + "_cost.json"))
+        results[mode] = dict(summary, iter_per_hour=3600 / s_per_iter, mfu=mfu, ops=ops, syncs=syncs,
+                             tokens_per_sec=summary["config"]["total_batch_tokens"] / s_per_iter,
+                             final_loss=statistics.mean(full[i] for i in sorted(full)[-5:]),
                              resume_diff=abs(again[n] / full[n] - 1))
     base = results.get("bf16")
     print(f"\n{'mode':<6} {'iter/h':>9} {'vs bf16':>8} {'tokens/s':>10} {'MFU':>6} {'mem GB':>7} {'vs bf16':>8} "
-          f"{'loss':>7} {'resume':>8}")
+          f"{'loss':>7} {'resume':>8} {'ops/mb':>7} {'syncs/mb':>8}")
     for mode, r in results.items():
         ratio = lambda k: f"{r[k] / base[k]:.2f}x" if base and base.get(k) and r.get(k) else "-"  # noqa: E731
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         print(f"{mode:<6} {r['iter_per_hour']:>9.0f} {ratio('iter_per_hour'):>8} {r['tokens_per_sec']:>10.0f} {mfu:>6} "
-              f"{r['vram_gb']:>7.2f} {ratio('vram_gb'):>8} {r['final_loss']:>7.4f} {r['resume_diff']:>8.1e}")
+              f"{r['vram_gb']:>7.2f} {ratio('vram_gb'):>8} {r['final_loss']:>7.4f} {r['resume_diff']:>8.1e} "
+              f"{r['ops'] if r['ops'] is not None else '-':>7} {r['syncs'] if r['syncs'] is not None else '-':>8}")
         if r["resume_diff"] > opts["resume_rtol"]:
             failures.append(f"{mode}: resumed loss differs by {r['resume_diff']:.1e} > {opts['resume_rtol']}")
         if base and abs(r["final_loss"] / base["final_loss"] - 1) > opts["loss_rtol"]:
             failures.append(f"{mode}: loss {r['final_loss']:.4f} vs bf16 {base['final_loss']:.4f} "
                             f"(> {opts['loss_rtol']:.0%} apart)")
+    print("iter/h and tokens/s: median iteration after the first tenth of the run; MFU of an FP8 row divides by the "
+          "GPU's FP8 peak though attention runs in bf16, so tokens/s, not MFU, compares the modes")
     for f in failures:
         print(f"FAILED {f}")
     print("all checks passed" if not failures else f"{len(failures)} check(s) failed")

@@ -30,6 +30,7 @@ import json
 import os
 import sys
 import time
+import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -63,21 +64,25 @@ def make_step(cfg, mode, device, cpu_gemm="auto"):
     'fp32' is the BF16 backend's model in fp32 without autocast: no GEMM has bf16 semantics."""
     precision, tweo_lambda = MODES[mode]
     backend = make_backend("bf16" if precision == "fp32" else precision, cfg["fp8_backend"], "delayed", 16, "max",
-                           device.type, cpu_gemm)
+                           device.type, cpu_gemm, cfg["fp8_compile_casts"])
     torch.manual_seed(0)
     args = {k: cfg[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "activation_checkpointing")}
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     model = build_model(GPTConfig(**args), backend, device, dtype)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as train.py
     x = torch.randint(0, min(50257, cfg["vocab_size"]), (cfg["micro_batch_size"], cfg["block_size"]), device=device)
     autocast = (lambda m: contextlib.nullcontext()) if precision == "fp32" else backend.autocast
 
-    def step():
+    def micro_batch():
         with autocast(model):
             out = model(x, x, with_tweo=tweo_lambda > 0)
         (out.loss + tweo_lambda * out.tweo_loss if tweo_lambda > 0 else out.loss).backward()
+
+    def step():
+        micro_batch()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    step.micro_batch = micro_batch  # forward and backward alone (host_cost)
 
     return step, backend, model, optimizer
 
@@ -90,6 +95,43 @@ def seconds_per_step(step, n, device):
         step()
     sync()
     return (time.perf_counter() - t) / n
+
+
+def host_cost(fn, device):
+    """(ops, host syncs) of fn(), e.g. one micro-batch. Ops: what the host dispatches, the outermost ATen ops and
+    compiled regions (torch.profiler). Syncs: the times the host waits for the device, on a GPU
+    every call torch's sync debug mode flags; on a CPU, where nothing waits, the calls that would:
+    values read back (aten::_local_scalar_dense: .item(), bool()) and tensors made from Python
+    data (aten::lift_fresh, a host-to-device copy on a GPU)."""
+    cuda = device.type == "cuda"
+    with warnings.catch_warnings(record=True) as flagged, \
+            torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        warnings.simplefilter("always")
+        if cuda:
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            if cuda:
+                torch.cuda.set_sync_debug_mode(0)
+
+    def counted(e):
+        return e.name.startswith("aten::") or e.name.startswith("Torch-Compiled Region")
+
+    def outermost(e):
+        parent = e.cpu_parent
+        while parent is not None:
+            if counted(parent):
+                return False
+            parent = parent.cpu_parent
+        return True
+    events = prof.events()
+    ops = sum(1 for e in events if counted(e) and outermost(e))
+    if cuda:
+        syncs = sum(1 for w in flagged if "synchroniz" in str(w.message))
+    else:
+        syncs = sum(1 for e in events if e.name in ("aten::_local_scalar_dense", "aten::lift_fresh"))
+    return ops, syncs
 
 
 def peak_bytes(step, model, optimizer, device):
@@ -115,9 +157,14 @@ def measure(cfg, mode, device, cpu_gemm="auto"):
         step()
     dt = seconds_per_step(step, cfg["iters"], device)
     peak = peak_bytes(step, model, optimizer, device)
+    ops, syncs = host_cost(step.micro_batch, device)
+    optimizer.zero_grad(set_to_none=True)
     path = "-" if mode == "fp32" else backend.cpu_gemm  # fp32 has no bf16 GEMM to place
-    return {"mode": mode, "gemm_path": path, "backend": "fp32" if mode == "fp32" else backend.name, "s_per_iter": dt,
-            "iter_per_hour": 3600 / dt, "peak_gb": peak / 2**30}
+    casts = "-" if MODES[mode][0] != "fp8" or backend.name == "te" else "compiled" if backend.compile_casts else "eager"
+    return {"mode": mode, "gemm_path": path, "backend": "fp32" if mode == "fp32" else backend.name, "fp8_casts": casts,
+            "s_per_iter": dt,
+            "iter_per_hour": 3600 / dt, "peak_gb": peak / 2**30, "ops_per_micro_batch": ops,
+            "host_syncs_per_micro_batch": syncs}
 
 
 def rows_to_measure(modes, cpu_gemm, device):
@@ -193,12 +240,12 @@ def main(argv):
         print("note: FP8 is emulated on CPU (float8 casts around bf16 or fp32 GEMMs, same numerics as Transformer "
               "Engine): its time and memory are the emulation's cost, not FP8's speed-up, which needs an FP8 GPU")
     results = with_ratios([measure(cfg, m, device, path) for m, path in rows_to_measure(modes, cfg["cpu_gemm"], device)])
-    print(f"{'mode':<10} {'gemm':<7} {'backend':<9} {'s/iter':>8} {'iter/h':>9} {'time vs fp32':>13} "
-          f"{'iter/h vs bf16':>15} {'peak GB':>8} {'vs bf16':>8}")
+    print(f"{'mode':<10} {'gemm':<7} {'backend':<9} {'casts':<9} {'s/iter':>8} {'iter/h':>9} {'time vs fp32':>13} "
+          f"{'iter/h vs bf16':>15} {'peak GB':>8} {'vs bf16':>8} {'ops/mb':>7} {'syncs/mb':>8}")
     for r in results:
-        print(f"{r['mode']:<10} {r['gemm_path']:<7} {r['backend']:<9} {r['s_per_iter']:>8.3f} {r['iter_per_hour']:>9.0f} "
+        print(f"{r['mode']:<10} {r['gemm_path']:<7} {r['backend']:<9} {r['fp8_casts']:<9} {r['s_per_iter']:>8.3f} {r['iter_per_hour']:>9.0f} "
               f"{ratio(r['step_time_vs_fp32']):>13} {ratio(r['iter_per_hour_vs_bf16']):>15} {r['peak_gb']:>8.3f} "
-              f"{ratio(r['peak_gb_vs_bf16']):>8}")
+              f"{ratio(r['peak_gb_vs_bf16']):>8} {r['ops_per_micro_batch']:>7} {r['host_syncs_per_micro_batch']:>8}")
     if cfg["json"]:
         model = {k: cfg[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "micro_batch_size",
                                      "activation_checkpointing", "iters", "warmup")}

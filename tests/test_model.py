@@ -616,3 +616,27 @@ def test_tweo_adds_no_activation_memory():
           f"naive autograd TWEO {naive / 2**20:.2f} MiB ({100 * (naive / base - 1):+.1f}%)")
     assert tweo <= 1.01 * base
     assert naive > 1.02 * base  # the measurement does see a term that keeps activations
+
+
+@pytest.mark.parametrize("recipe", ["current", "delayed"])
+def test_a_te_run_is_evaluated_with_the_fp8_state_its_recipe_has(tmp_path, recipe):
+    """TE's Float8CurrentScaling keeps no scaling state (its fp8_meta holds no scale and no amax
+    history), so a TE current-scaling run's checkpoint has none and load_trained takes it as it
+    is; a delayed-scaling one without state would evaluate with every scale at 1.0: refused."""
+    from model import CheckpointError, load_trained
+    from precision import BF16Backend
+
+    class TEStandIn(BF16Backend):  # TE cannot be imported here: the decision under test is load_trained's
+        name, recipe_name = "te", recipe
+
+    args = dict(block_size=32, vocab_size=512, n_layer=2, n_head=2, n_embd=64)
+    torch.manual_seed(0)
+    trained = GPT(GPTConfig(**args), make_backend("bf16"))
+    torch.save({"model": trained.state_dict(), "model_args": args, "fp8_te_state": {},
+                "config": {"precision": "fp8", "fp8_backend": "te", "fp8_recipe": recipe}}, tmp_path / "model_last.pt")
+    if recipe == "delayed":
+        with pytest.raises(CheckpointError, match="holds no Transformer Engine FP8 scaling state"):
+            load_trained(str(tmp_path), "last", backend=TEStandIn())
+        return
+    model, info = load_trained(str(tmp_path), "last", backend=TEStandIn())
+    assert info["trained_in_fp8"] and torch.equal(model.lm_head.weight.float(), trained.lm_head.weight.bfloat16().float())

@@ -1,5 +1,6 @@
 """precision.py: the emulated FP8 numerics (E4M3/E5M2, delayed and current scaling),
 the backend choice, and state that moves between backends."""
+import contextlib
 import math
 import socket
 from types import SimpleNamespace
@@ -7,13 +8,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from model import GPT, GPTConfig
-from precision import (E4M3, E5M2, TE_ROLE_SLOTS, EmulatedGemm, EmulatedGemmInFP32, FP8LayerNormLinear, FP8Linear,
-                       LayerNormLinear, Linear, SaturationCounter, ScaledMMGemm, ScaledMMGemmInFP32, amax_of,
-                       choose_cpu_gemm, choose_fp8_backend, dequantize, fp8_layers, matmul,
-                       fp8_shape_error, fp8_telemetry, keep_fp8_state_fp32, make_backend, quantize, scaled_mm_error,
-                       te_available, te_fp8_state, update_fp8_scales)
+from precision import (E4M3, E5M2, ROLE_DTYPES, TE_ROLE_SLOTS, EmulatedGemm, EmulatedGemmInFP32, FP8LayerNormLinear,
+                       FP8Linear, FP8ScalingState, LayerNormLinear, Linear, MicroBatches, SaturationCounter, ScaledMMGemm,
+                       ScaledMMGemmInFP32, TransformerEngineBackend, _te_layer, amax_of, cast_function, choose_cpu_gemm,
+                       choose_fp8_backend, dequantize, fp8_layers, fp8_shape_error, fp8_telemetry, keep_fp8_state_fp32,
+                       load_te_fp8_state, make_backend, matmul, quantize, scaled_mm_error, te_available, te_fp8_state,
+                       update_fp8_scales)
 
 
 def delayed_linear(history_len=16, n=64):
@@ -142,8 +145,9 @@ def fp8_linear_case(layer_cls, gemm, autocast, frozen=None):
     g = torch.randn(2, 24, 32) * torch.logspace(-6, -2, 32)                    # gradient-sized
     gemm_input = layer.layer_norm(x).detach() if hasattr(layer, "layer_norm") else x.detach()
     # the state of an earlier step: amax history below this step's input and gradient amaxes
-    layer.update_scales(torch.tensor([0.9 * gemm_input.abs().max().item(), layer.weight.abs().max().item(),
-                                      0.9 * g.abs().max().item()]))
+    layer.fp8_amax_pending.copy_(torch.tensor([0.9 * gemm_input.abs().max().item(), layer.weight.abs().max().item(),
+                                               0.9 * g.abs().max().item()]))
+    update_fp8_scales(layer)
     scales = layer.fp8_scale.clone()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         y = layer(x)
@@ -534,12 +538,12 @@ class RecordingGemm:
     def operands(self, a, b):
         return self.gemm.operands(a, b)
 
-    def widen(self, q, out_dtype):
-        return self.gemm.widen(q, out_dtype)
+    def operand_dtype(self, out_dtype):
+        return self.gemm.operand_dtype(out_dtype)
 
-    def mm(self, a, b, *rest):
+    def mm(self, a, b, *rest, **kw):
         self.operands_seen.append((a.float(), b.float()))  # the exact values, FP8 or FP8-valued bf16
-        return self.gemm.mm(a, b, *rest)
+        return self.gemm.mm(a, b, *rest, **kw)
 
 
 def tiny_run(backend_name, steps, spy=False):
@@ -672,15 +676,14 @@ def assert_one_bf16_rounding_apart(native, fp32, a, b, name, bias=None):
 
 
 def recording(gemm):
-    """The GEMM class, recording the bits of every FP8 operand it is given."""
+    """The GEMM class, recording the exact values of the operands of every product it computes."""
     seen = []
 
     class Recording(gemm):
         @classmethod
-        def widen(cls, q, out_dtype):
-            if q.dtype in (E4M3, E5M2):
-                seen.append((q.dtype, q.view(torch.uint8).clone()))
-            return super().widen(q, out_dtype)
+        def mm(cls, a, b, *rest, **kw):
+            seen.append((a.float(), b.float()))
+            return super().mm(a, b, *rest, **kw)
     return Recording, seen
 
 
@@ -694,9 +697,10 @@ def test_fp8_layers_quantize_identically_on_both_gemm_paths(layer_cls):
         gemm, seen = recording(gemm)
         runs[path] = (*fp8_linear_case(layer_cls, gemm, autocast=True), seen)
     (ln, x, g, gemm_input, scales, y, seen), (lf, xf, _, _, _, yf, seen_f) = runs["native"], runs["fp32"]
-    assert [d for d, _ in seen] == [E4M3, E4M3, E5M2] and [d for d, _ in seen_f] == [d for d, _ in seen]
-    for (_, q), (_, qf) in zip(seen, seen_f):
-        assert torch.equal(q, qf)  # bit-identical FP8 operands
+    assert len(seen) == len(seen_f) == 3  # forward, dgrad, wgrad
+    for operands, operands_f in zip(seen, seen_f):
+        for q, qf in zip(operands, operands_f):
+            assert torch.equal(q, qf)  # the same FP8 values in bf16 and in fp32
     assert torch.equal(ln.fp8_amax_pending, lf.fp8_amax_pending) and torch.equal(ln.fp8_saturated, lf.fp8_saturated)
     sx, sw, sg = scales
     xq = cast_reference(gemm_input.reshape(-1, 64), sx, E4M3).double() / sx.double()
@@ -959,3 +963,299 @@ def test_te_parity_over_20_steps_with_spikes_and_nans(kind, ours_name):
             if exact_input:
                 assert ours_clipped == te_clipped, step
     assert te_clipped >= 2  # the spikes at least
+
+
+class HostSyncCounter(TorchDispatchMode):
+    """Counts what makes a GPU's host wait or copy: reading a value back (aten._local_scalar_dense:
+    .item(), bool(), int()), a tensor built from Python data (aten.lift_fresh: a host-to-device
+    copy on a GPU) and .tolist() (which bypasses the dispatcher, so it is patched). `ops` lists
+    every ATen op seen."""
+
+    def __enter__(self):
+        self.syncs, self.ops, self._tolist = [], [], torch.Tensor.tolist
+        counter = self
+
+        def tolist(t):
+            counter.syncs.append("tolist")
+            return counter._tolist(t)
+        torch.Tensor.tolist = tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket.__name__)
+        self.ops.append(name)
+        if name in ("_local_scalar_dense", "lift_fresh"):
+            self.syncs.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def micro_batch(model, backend, x, tweo=False):
+    """One training micro-batch as train.py runs it: autocast entry (the scale update), forward,
+    backward."""
+    with backend.autocast(model):
+        out = model(x, torch.roll(x, -1, 1), with_tweo=tweo)
+    (out.loss + 0.01 * out.tweo_loss).backward()
+
+
+@pytest.mark.parametrize("backend_name,cpu_gemm,recipe", [("torch", "native", "delayed"), ("torch", "fp32", "delayed"),
+                                                          ("torch", "fp32", "current"), ("emulated", "fp32", "delayed")])
+def test_a_micro_batch_and_its_scale_update_never_wait_for_the_host(backend_name, cpu_gemm, recipe):
+    """No host sync in a training micro-batch (forward, TWEO, backward) and the scale update of the
+    torch backend, on the code a GPU runs (the emulation too, where its GEMMs run in fp32).
+    Negative control: the emulation's native bf16 GEMM takes its factor as a Python number, one
+    read per GEMM, and the counter sees each of them."""
+    torch.manual_seed(0)
+    x = torch.randint(0, 512, (2, 32))
+    counts = {}
+    for name, path in ((backend_name, cpu_gemm), ("emulated", "native")):
+        backend = make_backend("fp8", name, recipe, cpu_gemm=path)
+        model = GPT(tiny(), backend)
+        micro_batch(model, backend, x)  # the first one builds the model's stacked scaling state
+        with HostSyncCounter() as counter:
+            micro_batch(model, backend, x, tweo=True)
+        counts[name, path] = (counter.syncs, 3 * len(fp8_layers(model)))
+    syncs, _ = counts[backend_name, cpu_gemm]
+    assert syncs == [], f"{backend_name} ({cpu_gemm}): {len(syncs)} host syncs: {sorted(set(syncs))}"
+    syncs, gemms = counts["emulated", "native"]
+    assert syncs == ["_local_scalar_dense"] * gemms  # forward, dgrad and wgrad of every FP8 layer
+
+
+def test_the_scale_update_costs_the_same_ops_for_2_and_16_layers():
+    """One collective's worth of data and one vectorised update for all GEMMs: the ops of a scale
+    update do not grow with the number of layers (9 FP8 GEMMs against 65)."""
+    ops = {}
+    for n_layer in (2, 16):
+        backend = make_backend("fp8", "torch", cpu_gemm="fp32")
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(block_size=32, vocab_size=512, n_layer=n_layer, n_head=2, n_embd=64), backend)
+        micro_batch(model, backend, torch.randint(0, 512, (2, 32)))
+        with HostSyncCounter() as counter:
+            update_fp8_scales(model)
+        ops[n_layer] = counter.ops
+        history = torch.stack([m.fp8_amax_history for _, m in fp8_layers(model)])
+        assert (history[:, 0] > 0).all() and not history[:, 1:].any()  # every layer's micro-batch pushed, once
+    assert len(fp8_layers(GPT(GPTConfig(block_size=32, vocab_size=512, n_layer=16, n_head=2, n_embd=64),
+                              make_backend("fp8", "emulated")))) == 65
+    assert ops[2] == ops[16] and 0 < len(ops[2]) < 40, ops
+
+
+def test_layers_are_views_of_one_stacked_state_that_survives_checkpoints_and_casts():
+    backend = make_backend("fp8", "emulated")
+    model = GPT(tiny(), backend)
+    micro_batch(model, backend, torch.randint(0, 512, (2, 32)))
+    update_fp8_scales(model)
+    state = FP8ScalingState.of(model)
+    layers = fp8_layers(model)
+    for i, (_, m) in enumerate(layers):
+        assert m.fp8_scale.untyped_storage().data_ptr() == state.stacked["fp8_scale"].untyped_storage().data_ptr()
+        assert torch.equal(m.fp8_amax_history, state.stacked["fp8_amax_history"][i])
+    # a checkpoint keeps per-layer keys and loads back into the stacked tensors
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    assert saved["lm_head.fp8_scale"].shape == (3,) and saved["lm_head.fp8_amax_history"].shape == (16, 3)
+    state.stacked["fp8_scale"].fill_(7.0)
+    model.load_state_dict(saved)
+    assert torch.equal(state.stacked["fp8_scale"], torch.stack([saved[f"{n}.fp8_scale"] for n, _ in layers]))
+    # a buffer replaced behind the state's back (a dtype or device move) rebuilds it from the buffers
+    model.lm_head.fp8_scale = torch.full((3,), 2.0, dtype=torch.float32)
+    assert FP8ScalingState.of(model) is not state
+    assert FP8ScalingState.of(model).stacked["fp8_scale"][-1].tolist() == [2.0] * 3
+
+
+@pytest.mark.parametrize("role,dtype,recipe", [(0, torch.bfloat16, "delayed"), (1, torch.float32, "delayed"),
+                                               (2, torch.bfloat16, "delayed"), (0, torch.bfloat16, "current")])
+def test_the_compiled_cast_gives_the_eager_bits(role, dtype, recipe):
+    """cast_function(True) is torch.compile of cast_to_fp8; both, on every role's dtype and both
+    recipes, on tensors with NaN, inf, zeros, values past the format's maximum and below its
+    smallest subnormal: the same FP8 bits (widened or not), amax, saturation count and scale."""
+    fp8_dtype = ROLE_DTYPES[role]
+    limit = torch.finfo(fp8_dtype).max
+    torch.manual_seed(role)
+    special = torch.tensor([float("nan"), -float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 3 * limit, -5 * limit,
+                            1e-9, -1e-9, limit, 2.0 ** -10])
+    cases = {"special": torch.cat([torch.randn(4083) * 10, special]).reshape(65, 63),
+             "zeros": torch.zeros(32, 16), "one NaN": torch.full((16, 16), float("nan"))}
+    eager, compiled = cast_function(False), cast_function(True)
+    scales = torch.tensor([0.5, 3.0, 1e-3])
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        for name, x in cases.items():
+            x = x.to(dtype)
+            for wide in (None, torch.bfloat16):
+                a = eager(x, scales, role, fp8_dtype, recipe == "current", wide)
+                b = compiled(x, scales, role, fp8_dtype, recipe == "current", wide)
+                bits = (lambda q: q.view(torch.uint8)) if wide is None else (lambda q: q.view(torch.int16))
+                assert a[0].dtype == b[0].dtype and torch.equal(bits(a[0]), bits(b[0])), (name, wide)
+                for u, v in zip(a[1:], b[1:]):
+                    assert torch.equal(u, v), (name, wide, u, v)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the compiled path really ran
+
+
+# ---- Transformer Engine's module lifecycle: when its FP8 state exists and what writes it ----
+
+class TEModuleOracle(torch.nn.Module):
+    """Test oracle: the FP8-state lifecycle of a TE module (transformer_engine/pytorch/module/
+    base.py, TE 2.4-2.18), re-implemented for the order of its calls. A new module's fp8_meta has
+    no num_gemms; set_meta_tensor sizes the state from it (3 scales per GEMM forward, 2 backward:
+    a KeyError before the first forward or set_extra_state), and returns early when the tensors
+    are already initialised for a delayed recipe. forward (prepare_forward ->
+    init_fp8_metadata(num_gemms=1)) sets the recipe and num_gemms once, then max-writes its
+    casts' amaxes into row 0 of the history, under no_grad too (the cast kernels' atomicMax);
+    the update (te_delayed_update) runs at autocast exit with grad enabled, here called by hand."""
+
+    def __init__(self):
+        super().__init__()
+        self.fp8_meta = {"fp8_checkpoint": False}
+        self.fp8_meta_tensors_initialized = self.fp8_initialized = False
+        self.weight = torch.nn.Parameter(torch.randn(16, 16))
+
+    def set_meta_tensor(self, fwd, recipe):
+        key = "scaling_fwd" if fwd else "scaling_bwd"
+        if self.fp8_meta_tensors_initialized and hasattr(self.fp8_meta.get(key), "amax_history"):
+            return
+        n = self.fp8_meta["num_gemms"] * (3 if fwd else 2)
+        self.fp8_meta[key] = SimpleNamespace(scale=torch.ones(n), amax_history=torch.zeros(recipe.amax_history_len, n))
+
+    def init_fp8_meta_tensors(self, recipe):
+        self.set_meta_tensor(True, recipe)
+        self.set_meta_tensor(False, recipe)
+        self.fp8_meta_tensors_initialized = True
+
+    def forward(self, x, recipe):
+        if not self.fp8_initialized:
+            self.fp8_meta["recipe"], self.fp8_meta["num_gemms"] = recipe, 1
+            self.init_fp8_meta_tensors(recipe)
+            self.fp8_initialized = True
+        row = self.fp8_meta["scaling_fwd"].amax_history[0]
+        row[0] = torch.maximum(row[0], x.detach().abs().max())
+        row[1] = torch.maximum(row[1], self.weight.detach().abs().max())
+        return x @ self.weight
+
+    def update(self):
+        te_delayed_update(self.fp8_meta["scaling_fwd"], (448.0,) * 3)
+
+
+TE_RECIPE = SimpleNamespace(amax_history_len=4)  # the part of DelayedScaling the lifecycle reads
+
+
+def trained_te_modules(steps=6):
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"a": TEModuleOracle(), "b": TEModuleOracle()})
+    for step in range(steps):
+        for m in model.values():
+            m(torch.randn(8, 16) * (step + 1), TE_RECIPE)
+            m.update()
+    return model
+
+
+def test_te_state_loads_into_modules_that_never_ran_a_forward():
+    """A resume, bench/eval.py and sample.py put the saved TE state into modules that have not run a
+    forward: it lands there, sized from the saved tensors, and their first forward keeps it."""
+    state = te_fp8_state(trained_te_modules())
+    with pytest.raises(KeyError):  # the oracle fails where TE fails: no num_gemms before a forward
+        TEModuleOracle().init_fp8_meta_tensors(TE_RECIPE)
+    fresh = torch.nn.ModuleDict({"a": TEModuleOracle(), "b": TEModuleOracle()})
+    assert load_te_fp8_state(fresh, state, TE_RECIPE) == 2
+    assert fresh.a.fp8_meta["num_gemms"] == 1 and fresh.a.fp8_meta["fp8_checkpoint"]  # TE's get_extra_state saves
+    loaded = te_fp8_state(fresh)
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+    x = torch.randn(8, 16)
+    fresh.a(x, TE_RECIPE)  # the first forward keeps the loaded tensors, writing only row 0
+    after = te_fp8_state(fresh)
+    assert torch.equal(after["a.scaling_fwd.scale"], state["a.scaling_fwd.scale"])
+    assert torch.equal(after["a.scaling_fwd.amax_history"][1:], state["a.scaling_fwd.amax_history"][1:])
+    assert after["a.scaling_fwd.amax_history"][0, 0] == x.abs().max()
+
+
+def te_backend_around(te_autocast=contextlib.nullcontext):
+    """TransformerEngineBackend's own autocast() with TE's context manager stubbed (TE cannot be
+    imported here): what is under test is what the backend wraps around it."""
+    backend = object.__new__(TransformerEngineBackend)
+    backend.te = SimpleNamespace(autocast=lambda **kw: te_autocast())
+    backend.recipe, backend.amax_reduction_group, backend.saturation = TE_RECIPE, None, SaturationCounter()
+    backend.micro_batches = MicroBatches()
+    return backend
+
+
+def test_te_evaluation_leaves_the_scaling_state_as_it_was():
+    """Under no_grad TE still writes the evaluation's amaxes into row 0 and the next training update
+    would take them; the backend's evaluation autocast restores the state in place, as our other
+    backends never touch it. A training micro-batch's writes stay."""
+    model, backend = trained_te_modules(), te_backend_around()
+    before = te_fp8_state(model)
+    tensors = [id(m.fp8_meta[k].amax_history) for m in model.values() for k in ("scaling_fwd", "scaling_bwd")]
+    outlier = torch.full((8, 16), 1e4)
+    with torch.no_grad(), backend.autocast(model):
+        model.a(outlier, TE_RECIPE)
+        assert model.a.fp8_meta["scaling_fwd"].amax_history[0, 0] == 1e4  # the leak, inside
+    after = te_fp8_state(model)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert tensors == [id(m.fp8_meta[k].amax_history) for m in model.values() for k in ("scaling_fwd", "scaling_bwd")]
+    with backend.autocast(model):  # training: TE's own bookkeeping, untouched
+        model.a(outlier, TE_RECIPE)
+    assert model.a.fp8_meta["scaling_fwd"].amax_history[0, 0] == 1e4
+    # a module whose first forward is an evaluation starts training from TE's initial state
+    new = torch.nn.ModuleDict({"a": TEModuleOracle()})
+    with torch.no_grad(), backend.autocast(new):
+        new.a(outlier, TE_RECIPE)
+    assert new.a.fp8_meta["scaling_fwd"].scale.tolist() == [1.0] * 3 and not new.a.fp8_meta["scaling_fwd"].amax_history.any()
+
+
+def test_weights_are_cast_once_per_iteration():
+    """With several micro-batches per iteration (train.py passes first_micro_batch), the first casts
+    each weight and keeps it, later ones reuse the same FP8 bits without casting or recording the
+    weight again (TE's is_first_microbatch: its weight amax history rolls once per iteration); the
+    next iteration casts again. Without the flag every forward casts."""
+    torch.manual_seed(0)
+    backend = make_backend("fp8", "torch", cpu_gemm="fp32")
+    model = GPT(tiny(), backend)
+    layers = [m for _, m in fp8_layers(model)]
+    weight_casts, operands = [], []
+    for m in layers:
+        m.fp8_gemm = RecordingGemm(m.fp8_gemm)
+        cast = m.fp8_cast
+        m.fp8_cast = lambda x, scales, role, *rest, cast=cast: (weight_casts.append(role == 1), cast(x, scales, role, *rest))[1]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.randint(0, 512, (2, 32))
+
+    def micro_batch(first):
+        weight_casts.clear()
+        for m in layers:
+            m.fp8_gemm.operands_seen.clear()
+        with backend.autocast(model, first_micro_batch=first):
+            model(x, torch.roll(x, -1, 1)).loss.backward()
+        forward_weights = [m.fp8_gemm.operands_seen[0][1] for m in layers]  # the forward GEMM's b = W^T
+        return sum(weight_casts), forward_weights
+
+    casts_1, weights_1 = micro_batch(True)
+    casts_2, weights_2 = micro_batch(False)
+    update_fp8_scales(model)
+    assert casts_1 == len(layers) and casts_2 == 0
+    assert all(torch.equal(a, b) for a, b in zip(weights_1, weights_2))
+    history = torch.stack([m.fp8_amax_history for m in layers])
+    assert (history[:, :2, 0] > 0).all() and (history[:, 0, 1] > 0).all() and not history[:, 1, 1].any()
+    optimizer.step()
+    casts_3, weights_3 = micro_batch(True)  # a new iteration: the stepped weights are cast again
+    assert casts_3 == len(layers) and not torch.equal(weights_3[0], weights_1[0])
+    assert micro_batch(None)[0] == micro_batch(None)[0] == len(layers)
+    with torch.no_grad(), backend.autocast(model, first_micro_batch=False):  # evaluation never reuses
+        weight_casts.clear()
+        model.eval()(x, x)
+    assert sum(weight_casts) == len(layers)
+
+
+def test_te_layers_get_is_first_microbatch_from_the_backend():
+    class FakeTELinear(torch.nn.Module):  # TE's forward signature: forward(inp, is_first_microbatch=None, ...)
+        def forward(self, inp, is_first_microbatch=None):
+            return is_first_microbatch
+
+    micro_batches = MicroBatches()
+    layer = _te_layer(FakeTELinear, micro_batches)()
+    seen = []
+    for first in (True, False, None):
+        micro_batches.enter(first)
+        seen.append(layer(torch.zeros(1)))
+    assert seen == [True, False, None] and layer(torch.zeros(1), is_first_microbatch=True) is True
+    assert layer.get_extra_state().numel() == 0 and layer.set_extra_state(torch.ones(3)) is None

@@ -31,17 +31,24 @@ def test_four_modes_and_the_fp32_reference_printed_and_written(tmp_path):
     path_here = "native" if native else "fp32"  # --cpu_gemm=auto
     assert [t[1] for t in table.values()] == ["-"] + [path_here] * 4
     assert [t[2] for t in table.values()] == ["fp32", "bf16", "bf16", "emulated", "emulated"]
+    assert [t[3] for t in table.values()] == ["-", "-", "-", "compiled", "compiled"]  # train.py's default
     report = json.loads(path.read_text())
     assert report["device"] == "cpu" and report["fp8_emulated"] is True and report["model"]["n_layer"] == 1
     assert report["native_bf16_gemms"] is native
     assert [x["mode"] for x in report["results"]] == list(table)
     for x in report["results"]:
         assert x["iter_per_hour"] == 3600 / x["s_per_iter"] and x["peak_gb"] > 0
-        assert f"{x['s_per_iter']:.3f}" == table[x["mode"]][3]  # the JSON holds what was printed
+        assert f"{x['s_per_iter']:.3f}" == table[x["mode"]][4]  # the JSON holds what was printed
+        assert [x["ops_per_micro_batch"], x["host_syncs_per_micro_batch"]] == [int(v) for v in table[x["mode"]][-2:]]
     fp32, bf16 = report["results"][:2]
     assert fp32["step_time_vs_fp32"] == 1.0 and fp32["iter_per_hour_vs_bf16"] is None
     assert bf16["iter_per_hour_vs_bf16"] == 1.0 and bf16["step_time_vs_fp32"] == bf16["s_per_iter"] / fp32["s_per_iter"]
-    assert table["bf16"][5] == f"{bf16['step_time_vs_fp32']:.2f}x" and table["fp32"][6] == "-"
+    assert table["bf16"][6] == f"{bf16['step_time_vs_fp32']:.2f}x" and table["fp32"][7] == "-"
+    # a micro-batch's host cost: the FP8 casts and scale bookkeeping add ops; only the emulation's native bf16
+    # GEMM reads its factor back (forward, dgrad, wgrad of each of the 5 FP8 GEMMs of one block and the head)
+    fp8 = report["results"][3]
+    assert fp8["ops_per_micro_batch"] > bf16["ops_per_micro_batch"] > 0 and bf16["host_syncs_per_micro_batch"] == 0
+    assert fp8["host_syncs_per_micro_batch"] == (15 if path_here == "native" else 0)
 
 
 def test_both_gemm_paths_side_by_side(tmp_path):
@@ -99,7 +106,7 @@ def test_the_torch_fp8_backend_trains_with_its_scaling_state_in_fp32(cpu_gemm):
     'scales must be single-element fp32 tensors, got torch.bfloat16')."""
     from bench.throughput import make_step
     cfg = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=512, micro_batch_size=2,
-               activation_checkpointing=False, fp8_backend="torch")
+               activation_checkpointing=False, fp8_backend="torch", fp8_compile_casts=False)
     step, backend, model, _ = make_step(cfg, "fp8", torch.device("cpu"), cpu_gemm)
     step()
     step()

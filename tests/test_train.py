@@ -350,7 +350,8 @@ RULE_CASES = [
     ("--clipped_softmax_zeta=0.5", "clipped_softmax_zeta=0.5 must be >= 1"),
 ]
 # keys without a range: booleans, free names, and data_dir (checked with the data itself)
-UNRANGED = {"data_dir", "bias", "attn_bias", "activation_checkpointing", "wandb_log", "wandb_run_name", "stop_on_collapse"}
+UNRANGED = {"data_dir", "bias", "attn_bias", "activation_checkpointing", "wandb_log", "wandb_run_name", "stop_on_collapse",
+            "fp8_compile_casts"}
 
 
 def train_source_keys():
