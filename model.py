@@ -15,6 +15,7 @@ Paper: "TWEO: Transformers Without Extreme Outliers", Sec. 3.3 (the loss) and 4.
 Importing this file never imports transformer_engine or deepspeed.
 """
 import contextlib
+import functools
 import io
 import math
 import os
@@ -48,6 +49,25 @@ class GPTConfig:
     clipped_softmax_zeta: float = 1.0
 
 
+def _tweo_sum(a, p: float):
+    """sum(|a|^p) in fp32 as one reduction over a (compiled: no temporary)."""
+    return a.float().abs().pow(p).sum()
+
+
+def _tweo_grad(a, coef, p: float):
+    """coef * p-th power's derivative |a|^(p-1) sign(a), in a's dtype, as one pass over a."""
+    grad = a.float().abs().pow(p - 1).copysign(a.float()) * coef
+    if p <= 1:
+        grad = torch.where(a == 0, torch.zeros_like(grad), grad)  # the subgradient of |a|^p at 0
+    return grad.to(a.dtype)
+
+
+@functools.cache
+def _tweo_kernels():
+    return (torch.compile(_tweo_sum, fullgraph=True, dynamic=True),
+            torch.compile(_tweo_grad, fullgraph=True, dynamic=True))
+
+
 class TWEOPenalty(torch.autograd.Function):
     """mean((|A| / (tau + eps))^p) over every element of A, in fp32 (fp64 for fp64 input).
 
@@ -55,30 +75,38 @@ class TWEOPenalty(torch.autograd.Function):
     backward: several copies of every block's output. This keeps only A itself, which the
     next block's LayerNorm saves anyway, and writes the gradient
         p * |A|^(p-1) * sign(A) / ((tau + eps)^p * numel)
-    by hand. The forward uses a norm kernel, so it makes no full-size temporary either."""
+    by hand. Eager, the forward is a norm kernel (no full-size temporary); with `compiled`
+    (the backend's compile, bf16 and fp32 input) forward and backward are each one fused
+    pass over A, equal to the eager ones up to fp32 rounding."""
 
     @staticmethod
-    def forward(ctx, a, tau, p, eps):
+    def forward(ctx, a, tau, p, eps, compiled=False):
         dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
-        norm = torch.linalg.vector_norm(a, ord=p, dtype=dtype)
+        compiled = compiled and dtype == torch.float32
+        if compiled:
+            total = _tweo_kernels()[0](a.detach(), p) / (tau + eps) ** p
+        else:
+            total = (torch.linalg.vector_norm(a, ord=p, dtype=dtype) / (tau + eps)) ** p
         ctx.save_for_backward(a)
-        ctx.tau, ctx.p, ctx.eps, ctx.dtype = tau, p, eps, dtype
-        return (norm / (tau + eps)) ** p / a.numel()
+        ctx.tau, ctx.p, ctx.eps, ctx.dtype, ctx.compiled = tau, p, eps, dtype, compiled
+        return total / a.numel()
 
     @staticmethod
     def backward(ctx, grad_value):
         (a,) = ctx.saved_tensors
         p = ctx.p
         coef = grad_value.to(ctx.dtype) * p / ((ctx.tau + ctx.eps) ** p * a.numel())
+        if ctx.compiled:
+            return _tweo_kernels()[1](a.detach(), coef, p), None, None, None, None
         grad = a.to(ctx.dtype).abs() if a.dtype != ctx.dtype else a.abs()
         grad.pow_(p - 1).copysign_(a).mul_(coef)
         if p <= 1:
             grad.masked_fill_(a == 0, 0.0)  # the subgradient of |a|^p at 0
-        return grad.to(a.dtype), None, None, None
+        return grad.to(a.dtype), None, None, None, None
 
 
-def tweo_penalty(a, tau=3.0, p=4.0, eps=1e-6):
-    return TWEOPenalty.apply(a, tau, p, eps)
+def tweo_penalty(a, tau=3.0, p=4.0, eps=1e-6, compiled=False):
+    return TWEOPenalty.apply(a, tau, p, eps, compiled)
 
 
 def clipped_softmax_attention(q, k, v, mask, gamma, zeta, dropout_p=0.0, matmul=torch.matmul):
@@ -205,7 +233,7 @@ class GPT(nn.Module):
             else:
                 x = block(x)
             if with_tweo:
-                tweo = tweo + tweo_penalty(x, cfg.tweo_tau, cfg.tweo_p, cfg.tweo_eps)
+                tweo = tweo + tweo_penalty(x, cfg.tweo_tau, cfg.tweo_p, cfg.tweo_eps, self.backend.compile)
             act_max.append(torch.linalg.vector_norm(x.detach(), float("inf")))  # max |A|, no temporary
         if with_tweo:
             tweo = tweo / cfg.n_layer

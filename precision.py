@@ -159,8 +159,8 @@ class LayerNormLinear(nn.Module):
 class BF16Backend:
     name = "bf16"
 
-    def __init__(self, device_type="cpu", cpu_gemm="auto"):
-        self.device_type = device_type
+    def __init__(self, device_type="cpu", cpu_gemm="auto", compile=False):
+        self.device_type, self.compile = device_type, compile  # compile: the TWEO term's kernels (model.py)
         self.cpu_gemm, self.cpu_gemm_why = choose_cpu_gemm(cpu_gemm, device_type)
         kw = dict(cpu_gemm=self.cpu_gemm)
         self.Linear = lambda i, o, bias=True, init_std=0.02: Linear(i, o, bias, init_std, **kw)
@@ -538,15 +538,15 @@ class EmulatedFP8Backend:
     name = "emulated"
 
     def __init__(self, recipe="delayed", amax_history_len=16, amax_compute_algo="max", device_type="cpu",
-                 cpu_gemm="auto", compile_casts=False):
-        self.recipe, self.device_type, self.compile_casts = recipe, device_type, compile_casts
+                 cpu_gemm="auto", compile=False):
+        self.recipe, self.device_type, self.compile = recipe, device_type, compile
         self.cpu_gemm, self.cpu_gemm_why = choose_cpu_gemm(cpu_gemm, device_type)
         gemm = self.fp8_gemm(cpu_gemm)
         if gemm is ScaledMMGemmInFP32 and cpu_gemm == "auto":  # the run's first lines say where its FP8 GEMMs run
             self.cpu_gemm_why += "; FP8 GEMMs as fp32 GEMMs on their float8 values (--cpu_gemm=native calls torch._scaled_mm)"
         self.micro_batches = MicroBatches()
         kw = dict(recipe=recipe, history_len=amax_history_len, compute_algo=amax_compute_algo, gemm=gemm,
-                  cast=cast_function(compile_casts), micro_batches=self.micro_batches)
+                  cast=cast_function(compile), micro_batches=self.micro_batches)
         self.Linear = lambda i, o, bias=True, init_std=0.02: FP8Linear(i, o, bias, init_std, **kw)
         self.LayerNormLinear = lambda i, o, bias=True, init_std=0.02: FP8LayerNormLinear(i, o, bias, init_std, **kw)
 
@@ -840,11 +840,12 @@ class TransformerEngineBackend:
     name = "te"
     cpu_gemm, cpu_gemm_why = "native", "Transformer Engine runs on the GPU"
 
-    def __init__(self, recipe="delayed", amax_history_len=16, amax_compute_algo="max", amax_reduction_group=None):
+    def __init__(self, recipe="delayed", amax_history_len=16, amax_compute_algo="max", amax_reduction_group=None,
+                 compile=False):
         import transformer_engine.pytorch as te
         from transformer_engine.common.recipe import DelayedScaling, Float8CurrentScaling, Format
 
-        self.te, self.recipe_name = te, recipe
+        self.te, self.recipe_name, self.compile = te, recipe, compile  # compile: TWEO's kernels; TE fuses its own casts
         if recipe == "delayed":
             self.recipe = DelayedScaling(fp8_format=Format.HYBRID, amax_history_len=amax_history_len,
                                          amax_compute_algo=amax_compute_algo, margin=0)
@@ -950,13 +951,14 @@ def choose_fp8_backend(fp8_backend="auto", capability=None, te_check=te_availabl
 
 def make_backend(precision="bf16", fp8_backend="auto", fp8_recipe="delayed",
                  fp8_amax_history_len=16, fp8_amax_compute_algo="max", device_type="cpu", cpu_gemm="auto",
-                 fp8_compile_casts=False):
+                 compile=False):
     """The backend for a precision. FP8 backends carry a `note` (one line, empty when there is
     nothing to say) on why fp8_backend='auto' chose what it chose. Every backend says where
     its bf16 GEMMs run (`cpu_gemm`: 'native' or 'fp32') and why (`cpu_gemm_why`).
-    fp8_compile_casts: the emulated and torch backends' FP8 casts through torch.compile."""
+    compile: the fused pieces through torch.compile, the emulated and torch backends' FP8 casts
+    and the TWEO term (model.py), which reads backend.compile."""
     if precision == "bf16":
-        return BF16Backend(device_type, cpu_gemm)
+        return BF16Backend(device_type, cpu_gemm, compile)
     if precision != "fp8":
         raise ValueError(f"precision must be 'bf16' or 'fp8', got {precision!r}")
     if fp8_recipe not in ("delayed", "current"):
@@ -972,11 +974,10 @@ def make_backend(precision="bf16", fp8_backend="auto", fp8_recipe="delayed",
         if not ok:
             raise RuntimeError(f"fp8_backend='te' needs Transformer Engine on an FP8 GPU: {why}. "
                                f"Use fp8_backend='torch' (FP8 GEMMs through PyTorch) or 'emulated' (any device).")
-        backend = TransformerEngineBackend(fp8_recipe, fp8_amax_history_len, fp8_amax_compute_algo)
+        backend = TransformerEngineBackend(fp8_recipe, fp8_amax_history_len, fp8_amax_compute_algo, compile=compile)
     else:
         cls = TorchFP8Backend if fp8_backend == "torch" else EmulatedFP8Backend
-        backend = cls(fp8_recipe, fp8_amax_history_len, fp8_amax_compute_algo, device_type, cpu_gemm,
-                      fp8_compile_casts)
+        backend = cls(fp8_recipe, fp8_amax_history_len, fp8_amax_compute_algo, device_type, cpu_gemm, compile)
     backend.note = note
     return backend
 

@@ -63,8 +63,8 @@ fp8_backend = "auto"  # 'auto' (FP8 GPU: TE if usable, else 'torch'; elsewhere e
 fp8_recipe = "delayed"  # 'delayed' (TE DelayedScaling) or 'current' (Float8CurrentScaling)
 fp8_amax_history_len = 16
 fp8_amax_compute_algo = "max"
-fp8_compile_casts = True  # emulated/torch FP8: amax, scale, saturation and cast as one torch.compile'd function
 cpu_gemm = "auto"  # CPU only: 'fp32' computes bf16/FP8 GEMMs as fp32 GEMMs on their values, 'native' in bf16, 'auto' asks the CPU
+compile = True  # torch.compile the fused pieces (FP8 casts, the TWEO term); not the model: ZeRO-3's hooks refuse it
 # TWEO
 tweo_lambda = 0.0  # 0.01 in the paper; 0 disables the term entirely
 tweo_tau = 3.0
@@ -315,7 +315,7 @@ if convert_from:
             f"after fixing the cause run `{' '.join(convert)}` and resume again", status=1)
 
 backend = make_backend(precision, fp8_backend, fp8_recipe, fp8_amax_history_len, fp8_amax_compute_algo, device.type,
-                       cpu_gemm, fp8_compile_casts)
+                       cpu_gemm, compile)
 cpu_gemm_path = {"path": backend.cpu_gemm, "why": backend.cpu_gemm_why}  # in run.json and the resume event
 if master:  # a property of the device: the numerics stay bf16 or FP8 either way
     print(f"GEMM path: {backend.cpu_gemm} ({backend.cpu_gemm_why})")

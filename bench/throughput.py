@@ -64,7 +64,7 @@ def make_step(cfg, mode, device, cpu_gemm="auto"):
     'fp32' is the BF16 backend's model in fp32 without autocast: no GEMM has bf16 semantics."""
     precision, tweo_lambda = MODES[mode]
     backend = make_backend("bf16" if precision == "fp32" else precision, cfg["fp8_backend"], "delayed", 16, "max",
-                           device.type, cpu_gemm, cfg["fp8_compile_casts"])
+                           device.type, cpu_gemm, cfg["compile"])
     torch.manual_seed(0)
     args = {k: cfg[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "activation_checkpointing")}
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
@@ -160,8 +160,7 @@ def measure(cfg, mode, device, cpu_gemm="auto"):
     ops, syncs = host_cost(step.micro_batch, device)
     optimizer.zero_grad(set_to_none=True)
     path = "-" if mode == "fp32" else backend.cpu_gemm  # fp32 has no bf16 GEMM to place
-    casts = "-" if MODES[mode][0] != "fp8" or backend.name == "te" else "compiled" if backend.compile_casts else "eager"
-    return {"mode": mode, "gemm_path": path, "backend": "fp32" if mode == "fp32" else backend.name, "fp8_casts": casts,
+    return {"mode": mode, "gemm_path": path, "backend": "fp32" if mode == "fp32" else backend.name, "compile": backend.compile,
             "s_per_iter": dt,
             "iter_per_hour": 3600 / dt, "peak_gb": peak / 2**30, "ops_per_micro_batch": ops,
             "host_syncs_per_micro_batch": syncs}
@@ -240,10 +239,10 @@ def main(argv):
         print("note: FP8 is emulated on CPU (float8 casts around bf16 or fp32 GEMMs, same numerics as Transformer "
               "Engine): its time and memory are the emulation's cost, not FP8's speed-up, which needs an FP8 GPU")
     results = with_ratios([measure(cfg, m, device, path) for m, path in rows_to_measure(modes, cfg["cpu_gemm"], device)])
-    print(f"{'mode':<10} {'gemm':<7} {'backend':<9} {'casts':<9} {'s/iter':>8} {'iter/h':>9} {'time vs fp32':>13} "
+    print(f"{'mode':<10} {'gemm':<7} {'backend':<9} {'compile':<8} {'s/iter':>8} {'iter/h':>9} {'time vs fp32':>13} "
           f"{'iter/h vs bf16':>15} {'peak GB':>8} {'vs bf16':>8} {'ops/mb':>7} {'syncs/mb':>8}")
     for r in results:
-        print(f"{r['mode']:<10} {r['gemm_path']:<7} {r['backend']:<9} {r['fp8_casts']:<9} {r['s_per_iter']:>8.3f} {r['iter_per_hour']:>9.0f} "
+        print(f"{r['mode']:<10} {r['gemm_path']:<7} {r['backend']:<9} {'on' if r['compile'] else 'off':<8} {r['s_per_iter']:>8.3f} {r['iter_per_hour']:>9.0f} "
               f"{ratio(r['step_time_vs_fp32']):>13} {ratio(r['iter_per_hour_vs_bf16']):>15} {r['peak_gb']:>8.3f} "
               f"{ratio(r['peak_gb_vs_bf16']):>8} {r['ops_per_micro_batch']:>7} {r['host_syncs_per_micro_batch']:>8}")
     if cfg["json"]:

@@ -31,7 +31,7 @@ def test_four_modes_and_the_fp32_reference_printed_and_written(tmp_path):
     path_here = "native" if native else "fp32"  # --cpu_gemm=auto
     assert [t[1] for t in table.values()] == ["-"] + [path_here] * 4
     assert [t[2] for t in table.values()] == ["fp32", "bf16", "bf16", "emulated", "emulated"]
-    assert [t[3] for t in table.values()] == ["-", "-", "-", "compiled", "compiled"]  # train.py's default
+    assert [t[3] for t in table.values()] == ["on"] * 5  # train.py's default: FP8 casts and TWEO compiled
     report = json.loads(path.read_text())
     assert report["device"] == "cpu" and report["fp8_emulated"] is True and report["model"]["n_layer"] == 1
     assert report["native_bf16_gemms"] is native
@@ -106,7 +106,7 @@ def test_the_torch_fp8_backend_trains_with_its_scaling_state_in_fp32(cpu_gemm):
     'scales must be single-element fp32 tensors, got torch.bfloat16')."""
     from bench.throughput import make_step
     cfg = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=512, micro_batch_size=2,
-               activation_checkpointing=False, fp8_backend="torch", fp8_compile_casts=False)
+               activation_checkpointing=False, fp8_backend="torch", compile=False)
     step, backend, model, _ = make_step(cfg, "fp8", torch.device("cpu"), cpu_gemm)
     step()
     step()

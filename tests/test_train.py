@@ -351,7 +351,7 @@ RULE_CASES = [
 ]
 # keys without a range: booleans, free names, and data_dir (checked with the data itself)
 UNRANGED = {"data_dir", "bias", "attn_bias", "activation_checkpointing", "wandb_log", "wandb_run_name", "stop_on_collapse",
-            "fp8_compile_casts"}
+            "compile"}
 
 
 def train_source_keys():
