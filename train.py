@@ -13,6 +13,7 @@ model_last.pt and model_best.pt (consolidated bf16 weights + model args + FP8 st
 SIGTERM or SIGINT: every rank finishes its iteration, a checkpoint is saved, exit 0.
 --init_from=resume continues from ckpt/latest, on any number of GPUs (DeepSpeed's universal checkpoint).
 """
+import atexit
 import json
 import math
 import os
@@ -27,6 +28,7 @@ import time
 import warnings
 
 from configurator import configure_or_exit, first_violation, one_of, writable_dir
+from run_lock import LockHeld, RunLock
 
 # -----------------------------------------------------------------------------
 # run
@@ -102,11 +104,16 @@ world_size = int(os.environ.get("WORLD_SIZE", 1))
 master = rank == 0
 
 
+run_lock = None  # rank 0's hold on out_dir (run_lock.py), from the checks of out_dir to the end of the run
+
+
 def die(msg, status=2):
     """One line on stderr and a nonzero exit (every rank finds the same problem): status 2
     for bad input, found before anything is written; 1 for a failure during the run."""
     if master:
         print(f"error: {msg}", file=sys.stderr, flush=True)
+    if run_lock is not None:
+        run_lock.release()
     if "torch.distributed" in sys.modules and sys.modules["torch.distributed"].is_initialized():
         sys.stdout.flush()
         os._exit(status)  # without DeepSpeed's CPU comm teardown, which can abort (see the end)
@@ -225,6 +232,14 @@ model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=bloc
                   dropout=dropout, bias=bias, tweo_tau=tweo_tau, tweo_p=tweo_p,
                   activation_checkpointing=activation_checkpointing, attn_bias=attn_bias,
                   clipped_softmax_gamma=clipped_softmax_gamma, clipped_softmax_zeta=clipped_softmax_zeta)
+if master:  # one run per out_dir: a second train.py, fresh or resuming, stops here naming the first
+    try:
+        run_lock = RunLock(out_dir).acquire()
+    except LockHeld as e:
+        die(str(e))
+    atexit.register(run_lock.release)
+    if run_lock.took_over:
+        print(f"note: {out_dir} was locked by a run that is gone, now ours: {run_lock.took_over}")
 run_json = os.path.join(out_dir, "run.json")
 if init_from != "resume" and (os.path.exists(run_json) or os.path.exists(ckpt_dir)):
     die(f"{out_dir} already holds a run; continue it with --init_from=resume, or choose another out_dir")
@@ -763,6 +778,8 @@ if master:
             pass
 dist.barrier()
 dist.destroy_process_group()
+if run_lock is not None:
+    run_lock.release()
 if not use_cuda:
     # DeepSpeed's CPU shared-memory comm extension sometimes aborts in its C++ static
     # destructors at interpreter exit (about 1 run in 5 on 2 gloo ranks, after all work is

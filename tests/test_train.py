@@ -181,6 +181,8 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run_and_wandb_keeps_the_red
         (wandb_core,) = [pid for pid in descendants(worker_pids(proc.pid)[0]) if comm(pid) == "wandb-core"]
         os.kill(wandb_core, signal.SIGKILL)
         wait_for_iter(out_dir, 12, proc)
+        for pid in worker_pids(proc.pid).values():  # torchrun starts each worker in a session of its own:
+            os.killpg(pid, signal.SIGKILL)           # killing torchrun's group alone leaves them training
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     first = open(f"{tmp_path}/first.out").read()
@@ -876,3 +878,35 @@ def test_invasive_options_train_under_zero3_in_fp8_and_round_trip(demo_data, tmp
     loss = D.evaluate(model, val, offsets, cfg["block_size"], cfg["micro_batch_size"], torch.device("cpu"), lambda: backend.autocast(model))
     logged = [r["val_loss"] for r in rows if "val_loss" in r][-1]
     assert abs(loss - logged) < 1e-3, (loss, logged)
+
+
+def test_one_run_per_out_dir_and_a_killed_runs_lock_is_taken_over(demo_data, tmp_path):
+    """Two real processes on one out_dir, as a scheduler that requeues a job still running leaves
+    them: the second train.py, fresh or resuming, stops with one line naming the first, exit 2,
+    before DeepSpeed starts; the first goes on. After kill -9 of the first (its lock left behind),
+    a resume says so in one line, takes the lock over and finishes, leaving no lock."""
+    out_dir, lock = tmp_path / "run", tmp_path / "run" / "run.lock"
+    common = [f"--out_dir={out_dir}", f"--data_dir={demo_data}", "--eval_interval=100000", "--act_stats_interval=0"]
+    first = subprocess.Popen(train_cmd(1, *common, "--max_iters=100000", "--ckpt_interval=4"), cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (out_dir / "ckpt" / "latest").exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        assert first.poll() is None and json.loads(lock.read_text())["pid"] == first.pid
+        for extra in ([], ["--init_from=resume"]):
+            r = train(1, *common, *extra, check=False)
+            assert r.returncode == 2 and r.stdout == "", r.stdout + r.stderr
+            assert r.stderr.count("\n") == 1 and f"is in use by another run (host " in r.stderr
+            assert f"PID {first.pid}," in r.stderr
+        assert first.poll() is None  # the first run goes on, its lock in place
+        assert json.loads(lock.read_text())["pid"] == first.pid
+    finally:
+        first.kill()  # kill -9: no cleanup, the lock stays
+        first.wait()
+    assert lock.exists()
+    done = int((out_dir / "ckpt" / "latest").read_text().strip().removeprefix("iter_"))
+    r = train(1, *common, "--init_from=resume", f"--max_iters={done + 2}")
+    assert f"was locked by a run that is gone, now ours: host " in r.stdout and f"PID {first.pid}" in r.stdout
+    assert "(its process is gone)" in r.stdout and f"done at iter {done + 2}" in r.stdout
+    assert not lock.exists()
