@@ -7,8 +7,10 @@ model.py asks a backend for two layer types and one context manager:
     backend.Linear(in, out, bias, init_std)
     with backend.autocast(): ...                        wraps one micro-batch forward
 
-and train.py additionally calls backend.checkpoint(fn, x) for activation checkpointing
-and backend.telemetry(model) for the FP8 amax / saturation signals.
+and train.py additionally calls backend.autocast(model, first_micro_batch) (the FP8 scale
+update at entry; weights cast once per iteration), backend.checkpoint(fn, x) for activation
+checkpointing and backend.telemetry(model) for the FP8 amax / saturation signals.
+backend.compile says whether the fused pieces (FP8 casts, the TWEO term) run compiled.
 
 Four backends, chosen by make_backend():
   bf16      torch layers under torch.autocast(bfloat16); CPU and CUDA
