@@ -92,7 +92,8 @@ def train_rows(rows):
 # Those ~2^-9 differences move a few weights across FP8 rounding boundaries, where one E4M3 step is
 # 2^-3: FP8 amplifies them about 5x. The TWEO term is a 4th power of the largest block outputs, so one
 # bf16 step (2^-7) in the peak is ~3% of it.
-CURVE_TOLERANCE = {"bf16": (1e-4, 2e-3, None), "fp8": (2e-3, 1e-2, None), "fp8_tweo": (2e-3, 1e-2, 1e-1)}
+# fp8_tweo's grad_norm: 1.1e-2 measured on a Xeon limited to AVX2 with the TWEO term compiled (compile=True)
+CURVE_TOLERANCE = {"bf16": (1e-4, 2e-3, None), "fp8": (2e-3, 1e-2, None), "fp8_tweo": (2e-3, 2e-2, 1e-1)}
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -609,7 +610,9 @@ def test_torch_fp8_backend_two_rank_zero3_matches_the_emulation(runs, demo_data,
 # first 24 steps, within CURVE_TOLERANCE. On a Xeon with AMX, whose native bf16 kernels sum in
 # another order, bf16 over 60 steps 6.2e-4, 0.16; over 24, loss 5.4e-5 and grad_norm 6.1e-3 (past
 # the 1-vs-2-rank 2e-3 there; 1e-2 is FP8's). The tolerance over 60 steps is the 1-vs-2-rank difference.
-GEMM_PATH_TOLERANCE = {"bf16": (2e-3, 0.3, None), "fp8": (2e-2, 0.6, None), "fp8_tweo": (2e-2, 0.6, 0.3)}
+# With compiled FP8 casts and TWEO term, on the Xeon limited to AVX2 (fp32 path), fp8_tweo 1 vs 2 ranks:
+# loss 2.8e-3, grad_norm 2.1 (late grad norms are that noisy), tweo_loss 0.13; native vs fp32 grad_norm 0.74.
+GEMM_PATH_TOLERANCE = {"bf16": (2e-3, 0.3, None), "fp8": (2e-2, 0.6, None), "fp8_tweo": (2e-2, 2.5, 0.3)}
 GEMM_PATH_RUN = ["--vocab_size=5184", "--micro_batch_size=16", "--max_iters=60", "--lr_decay_iters=60", "--log_interval=1",
                  "--eval_interval=60", "--ckpt_interval=60", "--act_stats_interval=0"]
 
