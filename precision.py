@@ -224,9 +224,10 @@ def cast_to_fp8(x, scales, role: int, fp8_dtype: torch.dtype, current_scaling: b
     cast_function(True) is this function compiled (one fused pass); both give the same bits,
     NaNs included."""
     limit = torch.finfo(fp8_dtype).max
+    x = x.detach().float()  # once: amax_of's own conversion is then a no-op
     amax = amax_of(x)
     scale = current_scale(amax, limit) if current_scaling else scales[role]
-    y = x.detach().float() * scale
+    y = x * scale
     saturated = (y.abs() > limit).sum()
     y = y.clamp(-limit, limit)
     # one NaN for every NaN: eager keeps the input's sign bit, inductor's clamp may not
@@ -342,10 +343,6 @@ class ScaledMMGemm:
     @staticmethod
     def operand_dtype(out_dtype):
         return None  # the GEMM takes float8
-
-    @staticmethod
-    def widen(q, out_dtype):
-        return q
 
     @staticmethod
     def operands(a, b):
@@ -484,12 +481,6 @@ class _FP8State:
         # running micro-batch, and how many (micro-batch, role) casts clipped on any rank
         self.register_buffer("fp8_saturated_flags", torch.zeros(3, dtype=torch.long), persistent=False)
         self.register_buffer("fp8_saturated_tensors", torch.zeros(3, dtype=torch.long), persistent=False)
-
-    def scale_for(self, role, amax):
-        """The scale a cast of `role` with this amax uses now (as cast_to_fp8 computes it)."""
-        if self.recipe == "current":
-            return current_scale(amax, fp8_max(ROLE_DTYPES[role]))
-        return self.fp8_scale[role].clone()
 
     def record(self, role, amax, saturated):
         # a running max, so a second call (activation-checkpoint recompute) changes nothing

@@ -13,10 +13,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from model import GPT, GPTConfig
 from precision import (E4M3, E5M2, ROLE_DTYPES, TE_ROLE_SLOTS, EmulatedGemm, EmulatedGemmInFP32, FP8LayerNormLinear,
                        FP8Linear, FP8ScalingState, LayerNormLinear, Linear, MicroBatches, SaturationCounter, ScaledMMGemm,
-                       ScaledMMGemmInFP32, TransformerEngineBackend, _te_layer, amax_of, cast_function, choose_cpu_gemm,
-                       choose_fp8_backend, dequantize, fp8_layers, fp8_shape_error, fp8_telemetry, keep_fp8_state_fp32,
-                       load_te_fp8_state, make_backend, matmul, quantize, scaled_mm_error, te_available, te_fp8_state,
-                       update_fp8_scales)
+                       ScaledMMGemmInFP32, TransformerEngineBackend, _te_layer, amax_of, cast_function, cast_to_fp8,
+                       choose_cpu_gemm, choose_fp8_backend, dequantize, fp8_layers, fp8_shape_error, fp8_telemetry,
+                       keep_fp8_state_fp32, load_te_fp8_state, make_backend, matmul, quantize, scaled_mm_error,
+                       te_available, te_fp8_state, update_fp8_scales)
 
 
 def delayed_linear(history_len=16, n=64):
@@ -465,7 +465,7 @@ def test_current_scaling_known_answers():
     layer = FP8Linear(16, 16, bias=False, recipe="current", history_len=4, compute_algo="max")
     for role, amax, expected in [(0, 2.0, 224.0), (1, 3.0, 448.0 / 3), (2, 2.0, 28672.0), (0, 0.0, 1.0),
                                  (2, INF, 1.0), (0, 1e-38, F32_MAX), (2, 1e-38, F32_MAX)]:
-        scale = layer.scale_for(role, torch.tensor(amax))
+        _, _, _, scale = cast_to_fp8(torch.tensor([amax]), None, role, ROLE_DTYPES[role], current_scaling=True)
         assert scale.item() == torch.tensor(expected, dtype=torch.float32).item(), (role, amax)
     backend = make_backend("fp8", "emulated", "current")
     x = torch.randn(16, 16) * 3
@@ -473,8 +473,8 @@ def test_current_scaling_known_answers():
         with backend.autocast(layer):
             layer(x).float().sum().backward()
     assert layer.fp8_scale.tolist() == [1.0] * 3 and not layer.fp8_amax_history.any()
-    sx = layer.scale_for(0, amax_of(x))
-    assert quantize(x, sx, E4M3)[0].float().abs().max().item() == 448.0  # the amax lands on the format's max
+    q, amax, _, _ = cast_to_fp8(x, None, 0, E4M3, current_scaling=True)
+    assert amax == amax_of(x) and q.float().abs().max().item() == 448.0  # the amax lands on the format's max
 
 
 def test_fp8_layers_return_the_autocast_dtype():
@@ -1212,7 +1212,7 @@ def test_weights_are_cast_once_per_iteration():
     backend = make_backend("fp8", "torch", cpu_gemm="fp32")
     model = GPT(tiny(), backend)
     layers = [m for _, m in fp8_layers(model)]
-    weight_casts, operands = [], []
+    weight_casts = []
     for m in layers:
         m.fp8_gemm = RecordingGemm(m.fp8_gemm)
         cast = m.fp8_cast
