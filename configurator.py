@@ -84,6 +84,25 @@ def configure(defaults, argv):
     return config
 
 
+def fail(msg, status=2):
+    """How every script stops: one line on stderr and exit status 2 for bad input (found before
+    any work), 1 for a fault during the work; never a traceback for either."""
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def on_terminal():
+    """Progress bars only where a person watches: stderr a terminal, and not CI (CI=...). In a
+    file or a pipe a bar's carriage returns are noise in the log."""
+    return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+def progress_bar(iterable=None, **tqdm_kwargs):
+    """tqdm on stderr on a terminal (on_terminal), none elsewhere."""
+    from tqdm import tqdm
+    return tqdm(iterable, disable=not on_terminal(), **tqdm_kwargs)
+
+
 def one_of(*values):
     """A rule for an enumeration: the exact value, case included (the same rule in every script)."""
     return (lambda v: v in values), "one of " + ", ".join(map(repr, values))
@@ -95,6 +114,11 @@ def writable_dir(path):
     while not os.path.exists(path):
         path = os.path.dirname(path)
     return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
+
+
+def writable_file(path):
+    """path can be written as a file: not a directory, in a directory this process can write or create."""
+    return not os.path.isdir(path) and writable_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def usable_device(name):
@@ -123,8 +147,7 @@ def configure_or_exit(defaults, argv):
     try:
         return configure(defaults, argv)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(e))
 
 
 def declared_keys(path):

@@ -29,13 +29,16 @@ def open_split(data_dir, split, block_size, vocab_size=None):
     """Memmap of data_dir/{split}.bin, checked against meta.json (when present), the
     block size and the model's vocabulary. Raises DataError with one readable line."""
     path = os.path.join(data_dir, f"{split}.bin")
+    meta_path = os.path.join(data_dir, "meta.json")
+    if not os.path.exists(meta_path) and os.path.exists(meta_path + ".tmp"):  # prepare_openwebtext.py was stopped
+        raise DataError(f"{data_dir} holds an unfinished preparation (meta.json.tmp without meta.json): rerun "
+                        f"prepare_openwebtext.py with the same arguments to finish it")
     if not os.path.exists(path):
         raise DataError(f"{path} not found: prepare the data first with `python prepare_openwebtext.py` "
                         f"(or --demo for the small demo corpus, --input FILES for your own)")
     size = os.path.getsize(path)
     if size % 2:
         raise DataError(f"{path} has an odd number of bytes ({size}): not a uint16 token file, or truncated")
-    meta_path = os.path.join(data_dir, "meta.json")
     meta = None
     if os.path.exists(meta_path):
         try:
@@ -85,14 +88,19 @@ def get_batch(data, offsets, block_size, device):
 
 @torch.no_grad()
 def evaluate(model, data, offsets, block_size, micro_batch_size, device, autocast,
-             rank=0, world_size=1, all_reduce=None):
+             rank=0, world_size=1, all_reduce=None, progress=""):
     """Mean per-window loss over the fixed val windows. Rank r takes windows r, r+W, …;
     every rank runs the same number of forward passes (ZeRO-3 gathers weights collectively),
-    padding with weight-0 windows. `autocast` is a callable returning the backend's context."""
+    padding with weight-0 windows. `autocast` is a callable returning the backend's context.
+    progress: the label of a progress bar on a terminal (configurator.progress_bar); '': none."""
     mine = offsets[rank::world_size]
     n_batches = -(-len(offsets) // (world_size * micro_batch_size))
     total = torch.zeros(2, dtype=torch.float64, device=device)  # sum of window losses, count
-    for b in range(n_batches):
+    batches = range(n_batches)
+    if progress:
+        from configurator import progress_bar
+        batches = progress_bar(batches, desc=progress, unit="batch", leave=False)
+    for b in batches:
         chunk = mine[b * micro_batch_size:(b + 1) * micro_batch_size]
         weight = torch.ones(micro_batch_size, dtype=torch.float64, device=device)
         weight[len(chunk):] = 0

@@ -54,11 +54,12 @@ def _tweo_sum(a, p: float):
     return a.float().abs().pow(p).sum()
 
 
-def _tweo_grad(a, coef, p: float):
-    """coef * p-th power's derivative |a|^(p-1) sign(a), in a's dtype, as one pass over a."""
-    grad = a.float().abs().pow(p - 1).copysign(a.float()) * coef
+def _tweo_grad(a, coef, p: float, dtype=torch.float32):
+    """coef * p-th power's derivative |a|^(p-1) sign(a), computed in dtype, returned in a's.
+    Eager: one full-size temporary at a time; compiled: one pass over a."""
+    grad = a.to(dtype).abs().pow_(p - 1).copysign_(a).mul_(coef)
     if p <= 1:
-        grad = torch.where(a == 0, torch.zeros_like(grad), grad)  # the subgradient of |a|^p at 0
+        grad.masked_fill_(a == 0, 0.0)  # the subgradient of |a|^p at 0
     return grad.to(a.dtype)
 
 
@@ -96,13 +97,8 @@ class TWEOPenalty(torch.autograd.Function):
         (a,) = ctx.saved_tensors
         p = ctx.p
         coef = grad_value.to(ctx.dtype) * p / ((ctx.tau + ctx.eps) ** p * a.numel())
-        if ctx.compiled:
-            return _tweo_kernels()[1](a.detach(), coef, p), None, None, None, None
-        grad = a.to(ctx.dtype).abs() if a.dtype != ctx.dtype else a.abs()
-        grad.pow_(p - 1).copysign_(a).mul_(coef)
-        if p <= 1:
-            grad.masked_fill_(a == 0, 0.0)  # the subgradient of |a|^p at 0
-        return grad.to(a.dtype), None, None, None, None
+        grad = (_tweo_kernels()[1] if ctx.compiled else _tweo_grad)(a.detach(), coef, p, ctx.dtype)
+        return grad, None, None, None, None
 
 
 def tweo_penalty(a, tau=3.0, p=4.0, eps=1e-6, compiled=False):
@@ -499,13 +495,21 @@ def hf_gpt2_state(hf_dir, vocab_size=None, block_size=None):
         if got not in (want if isinstance(want, tuple) else (want,)):
             raise CheckpointError(f"{hf_dir}: {key}={got!r} is not a GPT-2 this model can hold (needs {want!r})")
     st, bin_ = os.path.join(hf_dir, "model.safetensors"), os.path.join(hf_dir, "pytorch_model.bin")
-    if os.path.isfile(st):
-        from safetensors.torch import load_file
-        hf = load_file(st)
-    elif os.path.isfile(bin_):
-        hf = torch.load(bin_, map_location="cpu", weights_only=True)
-    else:
+    if not os.path.isfile(st) and not os.path.isfile(bin_):
         raise CheckpointError(f"{hf_dir} holds neither model.safetensors nor pytorch_model.bin")
+    try:  # a copy interrupted mid-transfer leaves a truncated file
+        if os.path.isfile(st):
+            from safetensors.torch import load_file
+            hf = load_file(st)
+        else:
+            hf = torch.load(bin_, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{st if os.path.isfile(st) else bin_} cannot be read: truncated or damaged "
+                              f"({_first_sentence(e)})") from None
+    if not isinstance(hf, dict) or not all(isinstance(v, torch.Tensor) for v in hf.values()):
+        raise CheckpointError(f"{bin_} holds something other than a state dict of tensors")
+    if not all(isinstance(c.get(k), int) for k in ("vocab_size", "n_positions", "n_layer", "n_head")):
+        raise CheckpointError(f"{hf_dir}/config.json lacks one of vocab_size, n_positions, n_layer, n_head")
     hf = {k.removeprefix("transformer."): v for k, v in hf.items()}
     n_vocab, n_positions = c["vocab_size"], c["n_positions"]
     vocab_size = vocab_size or -(-n_vocab // 64) * 64

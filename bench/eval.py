@@ -31,13 +31,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import data as D  # noqa: E402
-from configurator import configure_or_exit, first_violation, one_of, usable_device  # noqa: E402
+from configurator import configure_or_exit, fail, first_violation, one_of, usable_device  # noqa: E402
 from model import CheckpointError, load_hf, load_trained, record_activations, summarize_moments  # noqa: E402
 from prepare_openwebtext import GPT2_VOCAB_SIZE  # noqa: E402
 from precision import make_backend  # noqa: E402
 
 
-def evaluate(model, val_data, offsets, block_size, micro_batch_size, backend, transform=None, stats=True):
+def evaluate(model, val_data, offsets, block_size, micro_batch_size, backend, transform=None, stats=True,
+             progress="evaluating"):
     """Val loss over the windows at `offsets` and, with stats, per-layer outlier statistics
     of block and FFN outputs. transform: model -> the model to evaluate instead (e.g. a
     quantizer); one that returns a changed copy (as bench/ptq.py's do) leaves `model` as it
@@ -46,7 +47,8 @@ def evaluate(model, val_data, offsets, block_size, micro_batch_size, backend, tr
         model = transform(model)
     device = next(model.parameters()).device
     with record_activations(model, ffn=True) if stats else contextlib.nullcontext() as rec:
-        loss = D.evaluate(model, val_data, offsets, block_size, micro_batch_size, device, lambda: backend.autocast(model))
+        loss = D.evaluate(model, val_data, offsets, block_size, micro_batch_size, device, lambda: backend.autocast(model),
+                          progress=progress)
     result = {"val_loss": loss, "val_ppl": math.exp(min(loss, 700))}
     if stats:
         result["layers"] = [{"block": summarize_moments(b), "ffn": summarize_moments(f)}
@@ -69,11 +71,6 @@ LOAD_RULES = [  # (key, test(value), what the value must be), the first broken r
     ("ckpt", lambda v: v != "", "'last', 'best', or a DeepSpeed checkpoint tag or folder"),
     ("device", usable_device, "'cpu', or 'cuda[:N]' with that GPU present"),
 ]
-
-
-def fail(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
 
 
 def read_run(out_dir):

@@ -27,10 +27,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-
-from bench.eval import fail  # noqa: E402
-from configurator import configure_or_exit  # noqa: E402
+from configurator import configure_or_exit, fail, writable_dir  # noqa: E402
 from model import CheckpointError, hf_gpt2_names, load_hf, load_trained  # noqa: E402
 from prepare_openwebtext import EOT, GPT2_VOCAB_SIZE, gpt2_tokenizer, write_atomically  # noqa: E402
 
@@ -161,6 +158,8 @@ def main(argv):
         fail(f"{to} exists: give --overwrite to write the export into it")
     if os.path.exists(to) and not os.path.isdir(to):
         fail(f"{to} is a file, not a directory")
+    if not writable_dir(to):
+        fail(f"--to={to} is not a directory this process can write or create")
     if not hf:
         model_args, config = read_run_json(out_dir)
         if invasive_option(model_args):

@@ -13,11 +13,11 @@ against BF16, timed as the median iteration after the first tenth of the run (wa
 an evaluation or checkpoint lands in a few iterations, which the median ignores), and, from
 bench/throughput.py on the same model, the ATen ops and host syncs of one micro-batch of each
 mode (the FP8 casts compiled, as train.py runs them). Exit status 0 when every check passes,
-1 when one fails.
+1 when one fails, 2 for bad input (also: no GPU here, unless --cpu).
 
     python bench/gpu_check.py                                   # demo corpus, out/gpu_check
     python bench/gpu_check.py --data_dir=data/openwebtext --total_batch_tokens=131072
-    python bench/gpu_check.py --config=configs/tiny.py --max_iters=6   # the logic, on CPU
+    python bench/gpu_check.py --cpu --config=configs/tiny.py --max_iters=6   # the check itself, on CPU
 
 Other --key=value arguments go to train.py as they are.
 """
@@ -32,22 +32,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from bench.runs import read_run, summarize  # noqa: E402
+from configurator import configure_or_exit, fail, writable_dir  # noqa: E402
 
 OPTIONS = dict(config="configs/gpt2_124m_bf16.py", max_iters=50, data_dir="", out_dir="out/gpu_check",
-               loss_rtol=0.05, resume_rtol=1e-2)
+               loss_rtol=0.05, resume_rtol=1e-2, cpu=False)
 MODES = {"bf16": ["--precision=bf16"], "torch": ["--precision=fp8", "--fp8_backend=torch"],
          "te": ["--precision=fp8", "--fp8_backend=te"]}
 
 
 def parse(argv):
-    opts, passthrough = dict(OPTIONS), []
-    for a in argv:
-        key, _, value = a.lstrip("-").partition("=")
-        if a.startswith("--") and key in OPTIONS:
-            opts[key] = type(OPTIONS[key])(value)
-        else:
-            passthrough.append(a)
-    return opts, passthrough
+    """(this script's options, the arguments passed on to train.py)."""
+    own = [a for a in argv if a.startswith("--") and a[2:].partition("=")[0] in OPTIONS]
+    return configure_or_exit(OPTIONS, own), [a for a in argv if a not in own]
 
 
 def train(out_dir, args):
@@ -60,8 +56,7 @@ def train(out_dir, args):
 
 
 def losses(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+    _, rows = read_run(out_dir)
     return {r["iter"]: r["loss"] for r in rows if "loss" in r and "event" not in r}
 
 
@@ -89,15 +84,40 @@ def host_cost(args, mode, out_json):
     return row["ops_per_micro_batch"], row["host_syncs_per_micro_batch"]
 
 
+def check(results, loss_rtol, resume_rtol):
+    """The checks that fail, one line each, from each mode's final_loss and resume_diff: a resumed
+    run more than resume_rtol from its own run's last loss, an FP8 loss more than loss_rtol from BF16's."""
+    base, failures = results.get("bf16"), []
+    for mode, r in results.items():
+        if r["resume_diff"] > resume_rtol:
+            failures.append(f"{mode}: resumed loss differs by {r['resume_diff']:.1e} > {resume_rtol}")
+        if base and abs(r["final_loss"] / base["final_loss"] - 1) > loss_rtol:
+            failures.append(f"{mode}: loss {r['final_loss']:.4f} vs bf16 {base['final_loss']:.4f} "
+                            f"(> {loss_rtol:.0%} apart)")
+    return failures
+
+
+def verdict(failures):
+    """Prints a FAILED line per failed check, then the summary line; returns the exit status (0, or 1)."""
+    for f in failures:
+        print(f"FAILED {f}")
+    print("all checks passed" if not failures else f"{len(failures)} check(s) failed")
+    return 1 if failures else 0
+
+
 def main(argv):
     opts, passthrough = parse(argv)
     n, half = opts["max_iters"], opts["max_iters"] // 2
     if half < 1:
-        print("error: --max_iters must be at least 2", file=sys.stderr)
-        return 2
+        fail("--max_iters must be at least 2")
     if os.path.exists(opts["out_dir"]):
-        print(f"error: {opts['out_dir']} exists; choose another --out_dir", file=sys.stderr)
-        return 2
+        fail(f"{opts['out_dir']} exists; choose another --out_dir")
+    if not writable_dir(opts["out_dir"]):
+        fail(f"--out_dir={opts['out_dir']} is not a directory this process can write or create")
+    import torch
+    if not torch.cuda.is_available() and not opts["cpu"]:
+        fail("no CUDA GPU here (torch.cuda.is_available() is False): this checks a GPU install; "
+             "--cpu runs the check on the CPU anyway, as a test of the check itself")
     from precision import te_available
     modes = ["bf16", "torch"] + (["te"] if te_available()[0] else [])
     if not te_available()[0]:
@@ -140,17 +160,9 @@ def main(argv):
         print(f"{mode:<6} {r['iter_per_hour']:>9.0f} {ratio('iter_per_hour'):>8} {r['tokens_per_sec']:>10.0f} {mfu:>6} "
               f"{r['vram_gb']:>7.2f} {ratio('vram_gb'):>8} {r['final_loss']:>7.4f} {r['resume_diff']:>8.1e} "
               f"{r['ops'] if r['ops'] is not None else '-':>7} {r['syncs'] if r['syncs'] is not None else '-':>8}")
-        if r["resume_diff"] > opts["resume_rtol"]:
-            failures.append(f"{mode}: resumed loss differs by {r['resume_diff']:.1e} > {opts['resume_rtol']}")
-        if base and abs(r["final_loss"] / base["final_loss"] - 1) > opts["loss_rtol"]:
-            failures.append(f"{mode}: loss {r['final_loss']:.4f} vs bf16 {base['final_loss']:.4f} "
-                            f"(> {opts['loss_rtol']:.0%} apart)")
     print("iter/h and tokens/s: median iteration after the first tenth of the run; MFU of an FP8 row divides by the "
           "GPU's FP8 peak though attention runs in bf16, so tokens/s, not MFU, compares the modes")
-    for f in failures:
-        print(f"FAILED {f}")
-    print("all checks passed" if not failures else f"{len(failures)} check(s) failed")
-    return 1 if failures else 0
+    return verdict(failures + check(results, opts["loss_rtol"], opts["resume_rtol"]))
 
 
 if __name__ == "__main__":

@@ -34,11 +34,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
-from bench.eval import LOAD_DEFAULTS, fail, load_model  # noqa: E402
+from bench.eval import LOAD_DEFAULTS, load_model  # noqa: E402
 from bench.export_hf import read_run_json, run_vocabulary  # noqa: E402
-from configurator import configure_or_exit, first_violation, writable_dir  # noqa: E402
+from configurator import configure_or_exit, fail, first_violation, progress_bar, writable_file  # noqa: E402
 from prepare_openwebtext import GPT2_VOCAB_SIZE, gpt2_tokenizer, write_atomically  # noqa: E402
 
 OFFICIAL_PATH = os.path.join("data", "hellaswag", "hellaswag_val.jsonl")
@@ -129,7 +128,7 @@ def ending_losses(model, autocast, rows, n_vocab):
 def score(model, autocast, examples, enc, n_vocab, batch_size=8):
     """Per example: the endings' summed and mean losses, both predictions and the label."""
     results = []
-    with tqdm(total=len(examples), desc="hellaswag", unit="example") as bar:
+    with progress_bar(total=len(examples), desc="hellaswag", unit="example") as bar:
         for start in range(0, len(examples), batch_size):
             batch = examples[start:start + batch_size]
             rows_cut = [example_rows(ex, enc, model.config.block_size) for ex in batch]
@@ -154,7 +153,7 @@ def main(argv):
     cfg = configure_or_exit(DEFAULTS, argv)
     problem = first_violation(cfg, [("limit", lambda v: v >= 0, ">= 0 (0: every example)"),
                                     ("batch_size", lambda v: v >= 1, ">= 1 (examples per forward)"),
-                                    ("jsonl", lambda v: not v or writable_dir(os.path.dirname(v) or "."),
+                                    ("jsonl", lambda v: not v or writable_file(v),
                                      "a file in a directory this process can write"),
                                     ("jsonl", lambda v: not v or not os.path.exists(v),
                                      "a file that does not exist yet (results are never overwritten)")])

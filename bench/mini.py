@@ -30,7 +30,7 @@ from bench.ablation import main as ablation  # noqa: E402
 from bench.plots import main as plots  # noqa: E402
 from bench.runs import train_flags  # noqa: E402
 from bench.table2 import main as table2  # noqa: E402
-from configurator import configure_or_exit  # noqa: E402
+from configurator import configure_or_exit, fail  # noqa: E402
 
 # the seed's clipped-softmax setting for BERT (gamma = -0.025, zeta = 1): alpha = 6.4 at block_size 256
 CLIPPED_SOFTMAX = ["--clipped_softmax_gamma=-0.025"]
@@ -112,16 +112,13 @@ def main(argv):
     groups = [g for g in opts["only"].split(",") if g]
     unknown = [g for g in groups if g not in GROUPS]
     if unknown or not groups:
-        print(f"error: --only takes a comma-separated subset of {','.join(GROUPS)}, not '{opts['only']}'", file=sys.stderr)
-        sys.exit(2)
+        fail(f"--only takes a comma-separated subset of {','.join(GROUPS)}, not '{opts['only']}'")
     for key in ("parallel", "max_iters"):
         if opts[key] < 1:
-            print(f"error: --{key} must be at least 1, not {opts[key]}", file=sys.stderr)
-            sys.exit(2)
+            fail(f"--{key} must be at least 1, not {opts[key]}")
     if opts["train"] and not os.path.exists(os.path.join(opts["data_dir"], "meta.json")):
-        print(f"error: {opts['data_dir']}/meta.json not found; prepare the corpus first: "
-              f"python prepare_openwebtext.py --stdlib --compact_vocab", file=sys.stderr)
-        sys.exit(2)
+        fail(f"{opts['data_dir']}/meta.json not found; prepare the corpus first: "
+             f"python prepare_openwebtext.py --stdlib --compact_vocab")
     names = [n for n, (g, _, _) in RUNS.items() if g in groups]
     failed = train(names, opts) if opts["train"] else []
     runs_dir = opts["runs_dir"]  # the tables hold every run there is, whichever groups this call trained
@@ -148,8 +145,7 @@ def main(argv):
         print(f"\n== Figures 2-5 and the loss curves: python bench/plots.py {' '.join(modes)} --out={figures} --overwrite")
         plots([*modes, f"--out={figures}", "--overwrite"])  # drawn again from the runs, which are kept
     if failed:
-        print(f"error: training failed for {', '.join(failed)}", file=sys.stderr)
-        sys.exit(1)
+        fail(f"training failed for {', '.join(failed)}", status=1)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import data as D  # noqa: E402
+from bench.runs import read_jsonl  # noqa: E402
+from configurator import fail, writable_file  # noqa: E402
 from model import GPTConfig, build_model  # noqa: E402
 from precision import ROLES, make_backend  # noqa: E402
 from prepare_openwebtext import gpt2_tokenizer, load_vocab_map  # noqa: E402
@@ -63,7 +65,9 @@ def parse(argv):
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     if os.path.exists(args.out):
-        p.exit(2, f"error: {args.out} exists; nothing is overwritten\n")
+        fail(f"{args.out} exists; nothing is overwritten")
+    if not writable_file(args.out):
+        fail(f"--out={args.out} is not a file this process can write (its folder cannot be written or created)")
     return args
 
 
@@ -107,8 +111,7 @@ def table(paths):
             "| best val PPL | peak | peak at (layer, pos, ch) | saturated in/w/grad (last interval) | collapse | wall |",
             "|" + "---|" * 15]
     for path in sorted(paths):
-        with open(path) as f:
-            lines = [json.loads(line) for line in f]
+        lines = read_jsonl(path)
         c, last = lines[0]["config"], lines[-1]
         evals = [r for r in lines if "val_loss" in r]
         if not evals:

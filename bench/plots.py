@@ -32,6 +32,7 @@ import matplotlib.ticker as ticker  # noqa: E402
 import torch  # noqa: E402
 
 from bench.runs import latest_by_iter, parse_args, read_run  # noqa: E402
+from configurator import fail, writable_dir  # noqa: E402
 
 USAGE = "python bench/plots.py RUN_DIR [RUN_DIR ...] [--out=DIR] [--hist_iters=N] [--overwrite]"
 FILES = ("fig5_act_stats.png", "fig2_act_max_bf16.png", "fig3_act_max_fp8.png", "fig4_act_hist.png", "loss_ppl.png")
@@ -218,17 +219,15 @@ def main(argv):
     summaries, opts = parse_args(argv, defaults, USAGE)
     existing = [f for f in FILES + ("figures.json",) if os.path.exists(os.path.join(opts["out"], f))]
     if existing and not opts["overwrite"]:
-        print(f"error: {opts['out']} already holds {', '.join(existing)}; pass --overwrite to replace them, "
-              f"or choose another --out", file=sys.stderr)
-        sys.exit(2)
+        fail(f"{opts['out']} already holds {', '.join(existing)}; pass --overwrite to replace them, or choose another --out")
+    if not writable_dir(opts["out"]):
+        fail(f"--out={opts['out']} is not a directory this process can write or create")
     if opts["hist_iters"] < 1:
-        print("error: --hist_iters must be at least 1", file=sys.stderr)
-        sys.exit(2)
+        fail("--hist_iters must be at least 1")
     no_model = [s["out_dir"] for s in summaries if not os.path.exists(os.path.join(s["out_dir"], "model_last.pt"))
                 and not os.path.exists(os.path.join(s["out_dir"], "ckpt", "latest"))]
     if no_model:
-        print(f"error: {', '.join(no_model)} has no checkpoint (model_last.pt or ckpt/latest) for Figure 4", file=sys.stderr)
-        sys.exit(2)
+        fail(f"{', '.join(no_model)} has no checkpoint (model_last.pt or ckpt/latest) for Figure 4")
     names = labels(summaries)
     rows_by_run = {s["out_dir"]: read_run(s["out_dir"])[1] for s in summaries}
     figures = {"fig5_act_stats.png": fig_act_stats(summaries, names, rows_by_run)}

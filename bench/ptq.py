@@ -29,8 +29,8 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import data as D  # noqa: E402
-from bench.eval import LOAD_DEFAULTS, evaluate, fail, load  # noqa: E402
-from configurator import configure_or_exit  # noqa: E402
+from bench.eval import LOAD_DEFAULTS, evaluate, load  # noqa: E402
+from configurator import configure_or_exit, fail  # noqa: E402
 from precision import LayerNormLinear  # noqa: E402
 
 EPS = 1e-8  # Eq. 4's epsilon: keeps the scale of an all-zero tensor (or row) finite
@@ -101,7 +101,8 @@ def calibrate(model, ev, offsets):
         return x
     undo = on_activations(model, observe, residual=True)
     try:
-        evaluate(model, ev.train_data, offsets, ev.block_size, ev.micro_batch_size, ev.backend, stats=False)
+        evaluate(model, ev.train_data, offsets, ev.block_size, ev.micro_batch_size, ev.backend, stats=False,
+                 progress="calibrating")
     finally:
         for u in undo:
             u()
@@ -177,8 +178,9 @@ def ptq_table(ev, bits=8, calib_windows=32, residual=False, smoothquant_alpha=0.
     def ppl(m, weights=None, acts=None, res=residual, scales=amax):
         transform = None if weights is acts is None else (
             lambda m: quantized(m, bits, weights, acts, res, scales))
+        label = f"W({weights or '-'}) A({acts or '-'}){' +Res' if res else ''}"
         return evaluate(m, ev.val_data, ev.offsets, ev.block_size, ev.micro_batch_size, ev.backend,
-                        transform=transform, stats=False)["val_ppl"]
+                        transform=transform, stats=False, progress=label)["val_ppl"]
 
     table = {}
     for name, (w, a) in settings(bits).items():

@@ -38,9 +38,32 @@ def read_run(out_dir):
             raise RunError(f"{path} not found: {out_dir} is not a train.py run")
     with open(run_json) as f:
         run = json.load(f)
-    with open(metrics) as f:
-        rows = [json.loads(line, object_hook=non_finite) for line in f if line.strip()]
-    return run, rows
+    return run, read_jsonl(metrics, object_hook=non_finite)
+
+
+_noted = set()  # the files whose cut-short last line was already reported
+
+
+def read_jsonl(path, object_hook=None):
+    """The objects of a JSON-lines file. A last line cut short (no newline, not JSON: what a
+    process killed while writing leaves) is left out, with one note on stderr; a bad line
+    anywhere else is a RunError naming path:line."""
+    with open(path) as f:
+        lines = f.read().split("\n")
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line, object_hook=object_hook))
+        except ValueError as e:
+            if n < len(lines):
+                raise RunError(f"{path}:{n} is not a JSON line ({e})") from None
+            if path not in _noted:
+                print(f"note: {path}: the last line is cut short (a run killed while writing it); read without it",
+                      file=sys.stderr)
+                _noted.add(path)
+    return rows
 
 
 def non_finite(row):
@@ -213,21 +236,17 @@ def markdown(header, rows):
 def parse_args(argv, defaults, usage):
     """RUN_DIR... and --key=value options (bare --flag for a bool): (summaries, options).
     Bad input is one line on stderr and exit 2, before any work."""
-    from configurator import configure_or_exit
+    from configurator import configure_or_exit, fail
     dirs = [a for a in argv if not a.startswith("--")]
     if not dirs:
-        print(f"error: no run directories given; usage: {usage}", file=sys.stderr)
-        sys.exit(2)
+        fail(f"no run directories given; usage: {usage}")
     options = configure_or_exit(defaults, [a for a in argv if a.startswith("--")])
     summaries = []
     for d in dirs:
         try:
             summaries.append(summarize(d))
         except RunError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+            fail(str(e))
         except (KeyError, ValueError) as e:
-            print(f"error: {d}: run.json or metrics.jsonl is not what train.py writes ({type(e).__name__}: {e})",
-                  file=sys.stderr)
-            sys.exit(2)
+            fail(f"{d}: run.json or metrics.jsonl is not what train.py writes ({type(e).__name__}: {e})")
     return summaries, options

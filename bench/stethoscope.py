@@ -30,8 +30,8 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import data as D  # noqa: E402
-from bench.eval import LOAD_DEFAULTS, fail, load  # noqa: E402
-from configurator import configure_or_exit  # noqa: E402
+from bench.eval import LOAD_DEFAULTS, load  # noqa: E402
+from configurator import configure_or_exit, fail, progress_bar, writable_file  # noqa: E402
 from model import build_model  # noqa: E402
 
 CONDITIONS = {"a": "(a) trained model, real text", "b": "(b) trained blocks, fresh wte + wpe, real text",
@@ -97,7 +97,7 @@ def conditions(ev, windows=64, seed=0):
 
 def stethoscope(ev, windows=64, seed=0):
     stats = {k: per_sample_stats(m, tokens, ev.micro_batch_size, ev.backend)
-             for k, (m, tokens) in conditions(ev, windows, seed).items()}
+             for k, (m, tokens) in progress_bar(conditions(ev, windows, seed).items(), desc="conditions", leave=False)}
     return {"model": ev.name, "windows": windows, "block_size": ev.block_size,
             "conditions": {k: summarize(s) for k, s in stats.items()},
             "table1": {"real": peak_statistics(stats["a"]), "random": peak_statistics(stats["d"])}}
@@ -142,6 +142,8 @@ def main(argv):
         fail("--windows must be >= 1")
     if os.path.exists(png):
         fail(f"{png} exists; choose another --png (nothing is overwritten)")
+    if not writable_file(png):
+        fail(f"--png={png} is not a file this process can write (its folder cannot be written or created)")
     ev = load(**{k: cfg[k] for k in LOAD_DEFAULTS if k in cfg}, precision="bf16")
     result = stethoscope(ev, cfg["windows"], cfg["seed"])
     plot(result, png)

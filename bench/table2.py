@@ -18,6 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.runs import SCHEDULE_KEYS, SIZE_KEYS, fmt, markdown, order_key, parse_args, row_name  # noqa: E402
+from configurator import fail  # noqa: E402
 
 USAGE = "python bench/table2.py RUN_DIR [RUN_DIR ...] [--paper] [--json]"
 # Table 2 of the paper: (PPL (FP8), PPL (BF16), Peak); None where it prints '-'. The paper
@@ -111,8 +112,7 @@ def main(argv):
     try:
         rows = build_rows(summaries)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(e))
     header = ["Model", "Params", "PPL (FP8) ↓", "PPL (BF16) ↓", "Peak"]
     if opts["paper"]:
         header += ["paper PPL (FP8)", "paper PPL (BF16)", "paper Peak"]

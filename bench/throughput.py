@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from configurator import configure_or_exit, declared_keys  # noqa: E402
+from configurator import configure_or_exit, declared_keys, fail, progress_bar, writable_file  # noqa: E402
 from model import GPTConfig, build_model  # noqa: E402
 from precision import make_backend  # noqa: E402
 
@@ -208,11 +208,6 @@ def model_config(defaults, argv):
     return configure_or_exit({**train, **defaults}, argv)
 
 
-def fail(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
 def describe(cfg, device):
     return f"{cfg['n_layer']} layers x {cfg['n_embd']}, {cfg['micro_batch_size']} x {cfg['block_size']} tokens, {device}"
 
@@ -231,6 +226,8 @@ def main(argv):
         fail(f"--cpu_gemm takes auto, native, fp32 or both, got {cfg['cpu_gemm']!r}")
     if cfg["json"] and os.path.exists(cfg["json"]):
         fail(f"{cfg['json']} already exists; results are never overwritten: choose another --json path")
+    if cfg["json"] and not writable_file(cfg["json"]):
+        fail(f"--json={cfg['json']} is not a file this process can write (its folder cannot be written or created)")
     print(f"model: {describe(cfg, device)}")
     if device.type == "cpu":
         print(f"CPU: native bf16 GEMMs {torch.ops.mkldnn._is_mkldnn_bf16_supported()} "
@@ -238,7 +235,8 @@ def main(argv):
     if device.type == "cpu" and any(MODES[m][0] == "fp8" for m in modes):
         print("note: FP8 is emulated on CPU (float8 casts around bf16 or fp32 GEMMs, same numerics as Transformer "
               "Engine): its time and memory are the emulation's cost, not FP8's speed-up, which needs an FP8 GPU")
-    results = with_ratios([measure(cfg, m, device, path) for m, path in rows_to_measure(modes, cfg["cpu_gemm"], device)])
+    rows = rows_to_measure(modes, cfg["cpu_gemm"], device)
+    results = with_ratios([measure(cfg, m, device, path) for m, path in progress_bar(rows, desc="modes", leave=False)])
     print(f"{'mode':<10} {'gemm':<7} {'backend':<9} {'compile':<8} {'s/iter':>8} {'iter/h':>9} {'time vs fp32':>13} "
           f"{'iter/h vs bf16':>15} {'peak GB':>8} {'vs bf16':>8} {'ops/mb':>7} {'syncs/mb':>8}")
     for r in results:

@@ -15,23 +15,34 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import datasets  # noqa: E402
 
 import prepare_openwebtext as P  # noqa: E402
+from configurator import fail, on_terminal  # noqa: E402
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--input", nargs="+", help="local corpus (default: the demo corpus)")
     p.add_argument("--text_field", default="text")
     p.add_argument("--num_proc", type=int, default=2, help="compared with 1 process")
     p.add_argument("--repeat", type=int, default=64, help="copies of the demo corpus")
     p.add_argument("--limit", type=int, default=0, help="use only the first N documents")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    for key, least in (("num_proc", 1), ("repeat", 1), ("limit", 0)):
+        if getattr(args, key) < least:
+            fail(f"--{key} must be at least {least}, not {getattr(args, key)}")
     datasets.disable_caching()  # every run tokenizes for real
+    if not on_terminal():
+        datasets.disable_progress_bars()
     if args.input:
-        ds = P.load_local(P.local_files(args.input), args.text_field)
+        holding = P.check_records(P.local_files(args.input), args.text_field)
+        if not holding:
+            fail(f"no text to tokenize in {' '.join(args.input)}")
+        ds = P.load_local(holding, args.text_field)
     else:
         ds = datasets.concatenate_datasets([P.load_demo()] * args.repeat)
     if args.limit:
         ds = ds.select(range(min(args.limit, len(ds))))
+    if len(ds) == 0:
+        fail(f"no text to tokenize in {' '.join(args.input)}")
     P.gpt2_tokenizer()  # load the ranks outside the timed region
     results = {}
     for n in sorted({1, args.num_proc}):
@@ -47,4 +58,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from bench.throughput import describe, fail, make_step, model_config, peak_bytes, seconds_per_step  # noqa: E402
+from bench.throughput import describe, make_step, model_config, peak_bytes, seconds_per_step  # noqa: E402
+from configurator import fail, progress_bar  # noqa: E402
 
 MEMORY_TARGET = 1.01
 
@@ -48,7 +49,7 @@ def main(argv):
         step_a()
         step_b()
     times = {"A": [], "B": []}
-    for _ in range(cfg["rounds"]):
+    for _ in progress_bar(range(cfg["rounds"]), desc="rounds", leave=False):
         times["A"].append(seconds_per_step(step_a, cfg["steps"], device))
         times["B"].append(seconds_per_step(step_b, cfg["steps"], device))
     ratios = sorted(tb / ta for ta, tb in zip(times["A"], times["B"]))

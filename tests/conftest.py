@@ -31,6 +31,15 @@ def train(nproc, *args, check=True):
     return r
 
 
+def refused(capsys, main, *args):
+    """The one stderr line of a script's main(args) that must stop on bad input (exit status 2)."""
+    with pytest.raises(SystemExit) as e:
+        main(list(args))
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), (out, err)
+    return err
+
+
 def strict_json(line):
     """json.loads that refuses the bare NaN / Infinity / -Infinity which Python writes and strict JSON readers reject."""
     def refuse(name):

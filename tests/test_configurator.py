@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from configurator import ConfigError, configure
+from configurator import ConfigError, configure, progress_bar, writable_file
 from conftest import REPO
 
 DEFAULTS = {"learning_rate": 6e-4, "max_iters": 100, "precision": "bf16", "wandb_log": False, "tweo_lambda": 0.0,
@@ -56,3 +56,34 @@ def test_train_py_exits_with_one_line_on_a_bad_key(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == ["error: unknown config key 'tweo_lamda' in '--tweo_lamda=0.1' (did you mean 'tweo_lambda'?)"]
     assert not os.path.exists(f"{tmp_path}/o")
+
+
+def test_writable_file_is_a_new_or_existing_file_in_a_folder_that_can_be_made(tmp_path):
+    (tmp_path / "afile").write_text("")
+    assert writable_file(str(tmp_path / "new.json")) and writable_file(str(tmp_path / "afile"))
+    assert writable_file(str(tmp_path / "a" / "b" / "new.json"))  # folders to be created
+    assert not writable_file(str(tmp_path))  # a directory
+    assert not writable_file(str(tmp_path / "afile" / "x.json"))  # its folder would be a file
+
+
+class Terminal:
+    def isatty(self):
+        return True
+
+    def write(self, text):
+        self.text = getattr(self, "text", "") + text
+
+    def flush(self):
+        pass
+
+
+def test_a_progress_bar_shows_on_a_terminal_only_and_never_in_ci(monkeypatch):
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.delenv("CI", raising=False)
+    assert list(progress_bar(range(3), desc="windows")) == [0, 1, 2] and "windows: 100%" in terminal.text
+    monkeypatch.setenv("CI", "true")
+    assert progress_bar(range(3)).disable
+    monkeypatch.delenv("CI")
+    monkeypatch.setattr(sys, "stderr", open(os.devnull, "w"))
+    assert progress_bar(range(3)).disable

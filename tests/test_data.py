@@ -26,7 +26,7 @@ def test_open_split_reads_the_tokens(tmp_path):
     assert data.dtype == np.uint16 and list(data) == list(range(100))
 
 
-@pytest.mark.parametrize("case", ["missing", "odd", "meta_count", "meta_json", "short"])
+@pytest.mark.parametrize("case", ["missing", "odd", "meta_count", "meta_json", "short", "unfinished"])
 def test_open_split_refuses_what_is_not_a_token_file(tmp_path, case):
     if case == "odd":
         (tmp_path / "train.bin").write_bytes(b"\0" * 41)
@@ -37,11 +37,15 @@ def test_open_split_refuses_what_is_not_a_token_file(tmp_path, case):
         (tmp_path / "meta.json").write_text("{not json")
     elif case == "short":
         token_file(tmp_path, range(9))  # block_size 8: one window of 9 tokens, but the sampler needs 10 (see below)
+    elif case == "unfinished":  # prepare_openwebtext.py killed before its last rename: a whole-looking train.bin
+        token_file(tmp_path, range(100), meta={"train": {"tokens": 100}})
+        (tmp_path / "meta.json").rename(tmp_path / "meta.json.tmp")
     message = {"missing": f"{tmp_path}/train.bin not found: prepare the data first",
                "odd": "has an odd number of bytes (41)",
                "meta_count": "holds 100 tokens but meta.json says 99",
                "meta_json": f"{tmp_path}/meta.json is unreadable",
-               "short": "holds 9 tokens, fewer than the 10 that the windows of block_size+1 = 9 need"}[case]
+               "short": "holds 9 tokens, fewer than the 10 that the windows of block_size+1 = 9 need",
+               "unfinished": f"{tmp_path} holds an unfinished preparation (meta.json.tmp without meta.json)"}[case]
     with pytest.raises(D.DataError, match=None) as e:
         D.open_split(str(tmp_path), "train", block_size=8)
     assert message in str(e.value) and "\n" not in str(e.value)

@@ -1,13 +1,14 @@
 """bench/export_hf.py: a trained run as a transformers GPT2LMHeadModel with the same logits, and back."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import REPO, write_run
+from conftest import REPO, refused, write_run
 
 from bench.export_hf import main as export_hf
 from model import GPT, GPTConfig, load_trained
@@ -18,15 +19,6 @@ def export(tmp_path, name, *args):
     to = str(tmp_path / name)
     export_hf([*args, f"--to={to}"])
     return to
-
-
-def refusal(capsys, *args):
-    """The one stderr line of a run of export_hf that must exit with status 2."""
-    with pytest.raises(SystemExit) as e:
-        export_hf(list(args))
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
-    return err
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +114,7 @@ def test_an_existing_directory_is_not_written_without_overwrite(runs, tmp_path, 
     to = tmp_path / "taken"
     to.mkdir()
     (to / "config.json").write_text("mine")
-    err = refusal(capsys, f"--out_dir={runs['bf16']}", f"--to={to}")
+    err = refused(capsys, export_hf, f"--out_dir={runs['bf16']}", f"--to={to}")
     assert err == f"error: {to} exists: give --overwrite to write the export into it\n"
     assert os.listdir(to) == ["config.json"] and (to / "config.json").read_text() == "mine"
 
@@ -132,7 +124,7 @@ def test_an_existing_directory_is_not_written_without_overwrite(runs, tmp_path, 
 def test_invasive_runs_are_refused_before_any_work(tmp_path, capsys, option, named):
     # a run.json and no checkpoint at all: the refusal comes before any loading
     out_dir = write_run(tmp_path / "run", [], model_args=option)
-    err = refusal(capsys, f"--out_dir={out_dir}", f"--to={tmp_path / 'to'}")
+    err = refused(capsys, export_hf, f"--out_dir={out_dir}", f"--to={tmp_path / 'to'}")
     assert err == f"error: {out_dir} uses {named}, which GPT-2 has no equivalent for: it cannot be exported\n"
     assert not (tmp_path / "to").exists()
 
@@ -142,3 +134,16 @@ def test_the_command_line_refuses_bad_input_with_one_line(tmp_path):
                        text=True, timeout=120)
     assert (r.returncode, r.stdout, r.stderr) == (2, "", "error: --to=DIR is needed: the directory to write the "
                                                           "Hugging Face model to\n")
+
+
+def test_a_truncated_weights_file_and_an_unwritable_destination_are_one_line_each(exported, tmp_path, capsys):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(exported, damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])  # a copy interrupted mid-transfer
+    err = refused(capsys, export_hf, f"--hf={damaged}", f"--to={tmp_path / 'to'}")
+    assert err.startswith(f"error: {weights} cannot be read: truncated or damaged (SafetensorError: ")
+    assert not (tmp_path / "to").exists()
+    (tmp_path / "afile").write_text("")
+    err = refused(capsys, export_hf, f"--hf={exported}", f"--to={tmp_path / 'afile' / 'hf'}")
+    assert err == f"error: --to={tmp_path / 'afile' / 'hf'} is not a directory this process can write or create\n"

@@ -3,7 +3,8 @@ import json
 import subprocess
 import sys
 
-from conftest import REPO
+from bench.mini_search import main as mini_search
+from conftest import REPO, refused
 
 
 def test_a_short_fp8_run_logs_evals_saturation_and_a_summary(demo_data, tmp_path):
@@ -27,3 +28,11 @@ def test_a_short_fp8_run_logs_evals_saturation_and_a_summary(demo_data, tmp_path
     assert len(table) == 3 and table[2].startswith("| r | fp8 | 2x32x2 | 32x4 |") and "6/6 |" in table[2]
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert again.returncode == 2 and "exists" in again.stderr  # never overwritten
+
+
+def test_an_output_that_exists_or_cannot_be_written_is_refused_before_training(demo_data, tmp_path, capsys):
+    (tmp_path / "afile").write_text("keep")
+    err = refused(capsys, mini_search, "--mode=bf16", f"--data_dir={demo_data}", f"--out={tmp_path / 'afile'}")
+    assert err == f"error: {tmp_path / 'afile'} exists; nothing is overwritten\n" and (tmp_path / "afile").read_text() == "keep"
+    err = refused(capsys, mini_search, "--mode=bf16", f"--data_dir={demo_data}", f"--out={tmp_path / 'afile' / 'm.jsonl'}")
+    assert err.endswith("is not a file this process can write (its folder cannot be written or created)\n")

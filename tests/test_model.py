@@ -584,6 +584,24 @@ def test_hf_gpt2_logits_equal_transformers(hf_gpt2, tmp_path, safe):
     assert state["transformer.wpe.weight"].shape == (32, 32) and args["block_size"] == 32
 
 
+def test_an_hf_gpt2_cropped_to_a_shorter_block_keeps_its_first_positions(hf_gpt2):
+    """block_size 32 < n_positions 64: wpe holds the HF model's first 32 rows, and the logits on a
+    32-token input are transformers' own; the last 32 rows (a wrong crop) would give others."""
+    from model import hf_gpt2_state, load_hf
+    hf_dir, hf = hf_gpt2
+    wpe = hf.transformer.wpe.weight.detach()
+    state, args, _ = hf_gpt2_state(hf_dir, block_size=32)
+    assert args["block_size"] == 32 and torch.equal(state["transformer.wpe.weight"], wpe[:32])
+    ours, _ = load_hf(hf_dir, dtype=torch.float32, block_size=32)
+    assert ours.config.block_size == 32 and torch.equal(ours.transformer.wpe.weight, wpe[:32])
+    idx = torch.randint(0, 50257, (3, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = hf(idx).logits
+        torch.testing.assert_close(ours(idx, idx).logits[..., :50257], want, rtol=1e-5, atol=1e-5)
+        ours.transformer.wpe.weight.copy_(wpe[32:])
+        assert (ours(idx, idx).logits[..., :50257] - want).abs().max() > 1e-2
+
+
 def test_an_hf_gpt2_runs_under_the_torch_fp8_backend(hf_gpt2):
     """load_hf with an FP8 backend: bf16 weights, the scaling state in fp32 (torch._scaled_mm
     refuses bf16 scales: this crashed), and FP8 logits close to the bf16 ones."""

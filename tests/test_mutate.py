@@ -76,7 +76,7 @@ def test_functions_restricts_the_mutants(tmp_path):
 def test_bad_input_is_one_line_and_exit_2(tmp_path):
     repo = toy_repo(tmp_path)
     r = mutate(repo, "--functions=nope")
-    assert (r.returncode, r.stderr) == (2, "mutate.py: toy.py defines no function or class nope\n")
+    assert (r.returncode, r.stderr) == (2, "error: toy.py defines no function or class nope\n")
     (repo / "test_toy.py").write_text(TOY_TEST.replace("== 5", "== 6"))
     r = mutate(repo)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "fails on the unmutated toy.py" in r.stderr

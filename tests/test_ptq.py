@@ -1,5 +1,6 @@
 """bench/ptq.py: Eq. 4 by hand, where quantization applies, the outlier mechanism of Table 3
-on a planted outlier, SmoothQuant's folding, and the command line."""
+on a planted outlier, SmoothQuant's folding, what each column of the table is (the windows
+its static scales come from, the model it evaluates), and the command line."""
 import copy
 import json
 import subprocess
@@ -11,8 +12,10 @@ import torch
 
 import data as D
 from bench.eval import evaluate, load
+import bench.ptq as ptq
 from bench.ptq import calibrate, fake_quant, ptq_table, quantized, settings, smoothed
 from conftest import REPO
+from precision import LayerNormLinear
 
 
 def eq4(x, bits, axis=None):
@@ -224,3 +227,234 @@ def test_the_command_line_prints_table_3_and_one_json_line_per_model(runs, hf_gp
 def test_bad_input_fails_with_one_line(args, message):
     r = run_ptq(*args)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr
+
+
+# ---- what ptq_table's columns are, against evaluations of this file's own making ----------
+
+def windows(data, offsets, block_size):
+    """The windows of block_size + 1 tokens at offsets, read straight from the token array."""
+    return torch.from_numpy(np.stack([np.asarray(data[o:o + block_size + 1], dtype=np.int64) for o in offsets]))
+
+
+def site_amax(model, backend, xy):
+    """Per-channel max |X| at every site bench/ptq.py quantizes (each GEMM's input, for a
+    LayerNormLinear its LayerNorm's output; block 0's input; every block's output), with this
+    file's own hooks, in one forward pass over all the windows xy at once."""
+    seen = {}
+
+    def record(site, x):
+        seen[site] = x.detach().float().abs().reshape(-1, x.shape[-1]).amax(dim=0)
+    hooks = [model.transformer.h[0].register_forward_pre_hook(lambda m, a: record("h.0.input", a[0]))]
+    for i, block in enumerate(model.transformer.h):
+        hooks.append(block.register_forward_hook(lambda m, a, out, i=i: record(f"h.{i}.output", out)))
+    for name, m in model.named_modules():
+        if isinstance(m, LayerNormLinear):
+            hooks.append(m.register_forward_pre_hook(lambda m, a, name=name: record(name, m.layer_norm(a[0]))))
+        elif isinstance(m, torch.nn.Linear):
+            hooks.append(m.register_forward_pre_hook(lambda m, a, name=name: record(name, a[0])))
+    try:
+        with torch.no_grad(), backend.autocast(model):
+            model(xy[:, :-1], xy[:, 1:])  # with targets: the LM head sees every position
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def largest_deviation(a, b):
+    return max(((a[k] - b[k]).abs() / b[k].clamp(min=1e-6)).max().item() for k in b)
+
+
+CALIB = 3  # calibration windows: more than one micro-batch (here of 1 window) holds
+
+
+@pytest.fixture(scope="module")
+def table(trained):
+    """ptq_table with the residual stream quantized and SmoothQuant at alpha 0.75, on 1 val
+    window in micro-batches of 1 (the LM head's 50304 logits per token make a window dear),
+    and every calibration it made: (ev, table, calls), a call being (model, its data, offsets,
+    the scales ptq_table got, a copy of them taken then)."""
+    ev = copy.copy(trained)
+    ev.micro_batch_size, ev.offsets = 1, trained.offsets[:1]
+    calls, real = [], ptq.calibrate
+
+    def spy(model, ev_, offsets):
+        amax = real(model, ev_, offsets)
+        calls.append((model, ev_.train_data, offsets.copy(), amax, {k: v.clone() for k, v in amax.items()}))
+        return amax
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ptq, "calibrate", spy)
+        t = ptq_table(ev, bits=8, calib_windows=CALIB, residual=True, smoothquant_alpha=0.75)
+    return ev, t, calls
+
+
+def ppl_of(ev, model, transform=None):
+    return evaluate(model, ev.val_data, ev.offsets, ev.block_size, ev.micro_batch_size, ev.backend, stats=False,
+                    transform=transform)["val_ppl"]
+
+
+def test_static_scales_are_a_running_max_over_the_training_windows_of_iteration_0(table, trained):
+    ev, _, calls = table
+    model, data, offsets, amax, _ = calls[0]
+    assert model is trained.model and len(calls) == 2  # the model, then its SmoothQuant copy
+    # the training split (as train.py reads it), at the windows train.py trains on at iteration 0
+    train = D.open_split(trained.data_dir, "train", trained.block_size)
+    assert len(data) == len(train) != len(ev.val_data) and np.array_equal(data[:100000], train[:100000])
+    assert np.array_equal(offsets, D.train_offsets(trained.run["seed"], 0, CALIB, len(train), trained.block_size))
+    assert CALIB > ev.micro_batch_size
+    # per channel, the max over all the windows at once equals what the micro-batches gathered
+    direct = site_amax(model, ev.backend, windows(train, offsets, ev.block_size))
+    assert set(direct) == set(amax) and len(amax) == 2 * 4 + 1 + 1 + 2  # 2 blocks' 4 GEMMs, LM head, residual stream
+    for site in direct:
+        torch.testing.assert_close(amax[site], direct[site], rtol=2 ** -7, atol=0, msg=site)  # one bf16 step
+    # negative controls: the max of one micro-batch alone, other windows of the same split, the val windows
+    for other in (offsets[:1], offsets[-1:], D.train_offsets(trained.run["seed"], 1, CALIB, len(train), ev.block_size)):
+        assert largest_deviation(site_amax(model, ev.backend, windows(train, other, ev.block_size)), direct) > 0.05
+    assert largest_deviation(site_amax(model, ev.backend, windows(ev.val_data, ev.offsets, ev.block_size)), direct) > 0.05
+
+
+def test_static_scales_stay_frozen_and_clip_at_evaluation(table):
+    ev, t, calls = table
+    model, _, _, amax, at_calibration = calls[0]
+    assert all(torch.equal(amax[k], at_calibration[k]) for k in amax)  # 15 evaluations later, unchanged
+    static = lambda m: quantized(m, 8, None, "tensor", residual=True, amax=amax)  # noqa: E731
+    assert t["A8(T)"] == ppl_of(ev, model, static) == ppl_of(ev, model, static)  # evaluating twice: identical
+    # scales that adapt to the data evaluated (here: the val windows' own max) give another PPL
+    own = site_amax(model, ev.backend, windows(ev.val_data, ev.offsets, ev.block_size))
+    adapted = ppl_of(ev, model, lambda m: quantized(m, 8, None, "tensor", residual=True, amax=own))
+    assert abs(adapted / t["A8(T)"] - 1) > 1e-4, (adapted, t["A8(T)"])  # 3e-3 measured
+    # at evaluation a static scale clips what exceeds it and adapts to nothing: the val windows with
+    # their embeddings x4, seen before (prepended hooks) and after quantization at the attention and
+    # FFN outputs' GEMM inputs and on the residual stream
+    q = static(model)
+    seen, hooks = {}, [q.transformer.drop.register_forward_hook(lambda m, a, out: 4 * out)]
+
+    def watch(site, module, output=False):
+        register = module.register_forward_hook if output else module.register_forward_pre_hook
+        value = (lambda a, out: out) if output else (lambda a, *_: a[0])
+        hooks.extend([register(lambda m, a, *out: seen.__setitem__(site, [value(a, *out)]) and None, prepend=True),
+                      register(lambda m, a, *out: seen[site].append(value(a, *out)) and None)])
+    watch("h.0.input", q.transformer.h[0])
+    for i, block in enumerate(q.transformer.h):
+        watch(f"transformer.h.{i}.attn.c_proj", block.attn.c_proj)
+        watch(f"transformer.h.{i}.mlp.c_proj", block.mlp.c_proj)
+        watch(f"h.{i}.output", block, output=True)
+    xy = windows(ev.val_data, ev.offsets, ev.block_size)
+    with torch.no_grad(), ev.backend.autocast(q):
+        q(xy[:, :-1], xy[:, 1:])
+    for h in hooks:
+        h.remove()
+    clipped = []
+    for site, (raw, out) in seen.items():
+        s = amax[site].max().item() + ptq.EPS
+        assert out.float().abs().max().item() <= s * (1 + 2 ** -8), site  # never beyond the calibrated scale
+        if raw.float().abs().max().item() > s * (1 + 2 ** -7):  # beyond it: clipped to it
+            clipped.append(site)
+            assert out.float().abs().max().item() == pytest.approx(s, rel=2 ** -8), site
+    assert "h.0.input" in clipped, clipped  # the embeddings x4 exceed the scale of block 0's input
+
+
+def test_weight_only_columns_are_the_per_tensor_and_per_channel_models(table):
+    ev, t, calls = table
+    model = calls[0][0]
+    per_tensor = ppl_of(ev, model, lambda m: quantized(m, 8, "tensor"))
+    per_channel = ppl_of(ev, model, lambda m: quantized(m, 8, "channel"))
+    assert t["W8(T)"] == per_tensor and t["W8(C)"] == per_channel
+    assert abs(per_tensor / per_channel - 1) > 1e-5 and t["BF16"] == ppl_of(ev, model) not in (per_tensor, per_channel)
+
+
+def test_residual_and_smoothquant_columns_are_their_models(table):
+    ev, t, calls = table
+    model, amax = calls[0][0], calls[0][3]
+    smooth, _, offsets, smooth_amax, _ = calls[1]
+    # the SmoothQuant model is the one of alpha 0.75 (not 0.5) on the model's own scales, calibrated on the same windows
+    assert np.array_equal(offsets, calls[0][2])
+    want = smoothed(model, amax, 0.75).state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in smooth.state_dict().items())
+    assert not torch.equal(smoothed(model, amax, 0.5).transformer.h[0].mlp.c_fc.weight, want["transformer.h.0.mlp.c_fc.weight"])
+    direct = site_amax(smooth, ev.backend, windows(ev.train_data, offsets, ev.block_size))
+    for site in direct:
+        torch.testing.assert_close(smooth_amax[site], direct[site], rtol=2 ** -7, atol=0, msg=site)
+
+    def ppl(m, acts, residual, scales=None):
+        return ppl_of(ev, m, lambda m: quantized(m, 8, "channel", acts, residual, scales))
+    # the residual stream quantized or not, per-token activations
+    k_res, k = ppl(model, "token", True), ppl(model, "token", False)
+    assert t["W8(C)A8(K) AbsMax+Res"] == t["W8(C)A8(K)"] == k_res and t["W8(C)A8(K) AbsMax"] == k != k_res
+    assert t["W8(C)A8(K) SmoothQuant+Res"] == ppl(smooth, "token", True)
+    assert t["W8(C)A8(K) SmoothQuant"] == ppl(smooth, "token", False)
+    # per-tensor activations: the smoothed model with its own static scales, not the original model's
+    sq_t_res = ppl(smooth, "tensor", True, smooth_amax)
+    assert t["W8(C)A8(T) SmoothQuant+Res"] == sq_t_res != ppl(smooth, "tensor", True, amax)
+    assert t["W8(C)A8(T) SmoothQuant"] == ppl(smooth, "tensor", False, smooth_amax) != sq_t_res
+    assert t["W8(C)A8(T) AbsMax"] == ppl(model, "tensor", False, amax) != t["W8(C)A8(T) AbsMax+Res"]
+
+
+@pytest.mark.parametrize("alpha", [0.25, 0.75])
+def test_smoothquant_keeps_the_function_at_any_alpha_with_its_factors(trained, alpha):
+    """X / s and W * s with s_j = max|X_j|^alpha / max|W_j|^(1 - alpha), checked in fp32
+    on the trained model: the folded model computes the same logits, and its weights and
+    LayerNorms moved by exactly s (computed here from the calibrated scales)."""
+    model = copy.deepcopy(trained.model).float()
+    train = D.open_split(trained.data_dir, "train", trained.block_size)
+    offsets = D.train_offsets(trained.run["seed"], 0, 4, len(train), trained.block_size)
+    amax = site_amax(model, trained.backend, windows(train, offsets, trained.block_size))
+    smooth = smoothed(model, amax, alpha)
+    xy = windows(trained.val_data, trained.offsets[:2], trained.block_size)
+    with torch.no_grad():
+        a, b = model(xy[:, :-1], xy[:, 1:]).logits, smooth(xy[:, :-1], xy[:, 1:]).logits
+    assert (a - b).abs().max() < 1e-4 * a.abs().max()
+
+    def s(site, weight):
+        return amax[site].clamp(min=1e-5).double() ** alpha / weight.double().abs().amax(dim=0).clamp(min=1e-5) ** (1 - alpha)
+    h0, sm0 = model.transformer.h[0], smooth.transformer.h[0]
+    for site, before, after in (("transformer.h.0.mlp.c_fc", h0.mlp.c_fc, sm0.mlp.c_fc),
+                                ("lm_head", model.lm_head, smooth.lm_head)):
+        factor = s(site, before.weight)
+        torch.testing.assert_close(after.weight.double(), before.weight.double() * factor, rtol=1e-6, atol=0)
+        torch.testing.assert_close(after.layer_norm_weight.double(), before.layer_norm_weight.double() / factor,
+                                   rtol=1e-6, atol=0)
+    factor, C = s("transformer.h.0.attn.c_proj", h0.attn.c_proj.weight), model.config.n_embd
+    torch.testing.assert_close(sm0.attn.c_proj.weight.double(), h0.attn.c_proj.weight.double() * factor, rtol=1e-6, atol=0)
+    qkv = s("transformer.h.0.attn.c_attn", h0.attn.c_attn.weight)  # V rows: x qkv's factor per column, / factor per row
+    torch.testing.assert_close(sm0.attn.c_attn.weight[2 * C:].double(),
+                               h0.attn.c_attn.weight[2 * C:].double() * qkv / factor[:, None], rtol=1e-6, atol=0)
+    torch.testing.assert_close(sm0.attn.c_attn.bias[2 * C:].double(), h0.attn.c_attn.bias[2 * C:].double() / factor,
+                               rtol=1e-6, atol=0)
+    assert torch.equal(sm0.mlp.c_proj.weight, h0.mlp.c_proj.weight)  # after the GELU: unsmoothed
+    other = 1.0 - alpha  # negative control: the other alpha's factors are not these
+    assert not torch.allclose(amax["lm_head"].clamp(min=1e-5) ** other, amax["lm_head"].clamp(min=1e-5) ** alpha, rtol=0.05)
+    assert (s("lm_head", model.lm_head.weight) - 1).abs().max() > 0.5  # the folding did move the weights
+
+
+def test_the_command_line_hands_its_settings_to_ptq_table_and_prints_what_it_returns(runs, monkeypatch, capsys):
+    """main([...]) with ptq_table replaced by a stand-in: what it is called with, and the
+    Table 3 / Table 4 values and the JSON line main prints, against the stand-in's table."""
+    calls = []
+
+    def stand_in(ev, bits, calib_windows, residual, smoothquant_alpha, log=None):
+        calls.append((ev, bits, calib_windows, residual, smoothquant_alpha))
+        names = list(settings(bits)) + [f"W{bits}(C)A{bits}({g}) {m}{r}" for g in "TK" for m in ("AbsMax", "SmoothQuant")
+                                         for r in ("", "+Res")]
+        return {name: 100.0 + i + 0.25 for i, name in enumerate(names)}
+    monkeypatch.setattr(ptq, "ptq_table", stand_in)
+    rows = ptq.main([f"--out_dir={runs['bf16']}", "--bits=6", "--calib_windows=7", "--residual", "--smoothquant_alpha=0.25",
+                     "--eval_iters=1", "--json"])
+    out = capsys.readouterr().out
+    (ev, bits, calib_windows, residual, alpha), = calls
+    assert (bits, calib_windows, residual, alpha) == (6, 7, True, 0.25)
+    train = D.open_split(ev.data_dir, "train", ev.block_size)
+    assert len(ev.train_data) == len(train) != len(ev.val_data) and np.array_equal(ev.train_data[-1000:], train[-1000:])
+    t = rows[0][1]
+    assert json.loads(out.strip().splitlines()[-1]) == t
+    lines = out.splitlines()
+    table3 = lines[lines.index(next(x for x in lines if x.startswith("Table 3"))) + 3]
+    assert "residual stream quantized" in out and table3.startswith(runs["bf16"][-32:])
+    assert [float(v) for v in table3[32:].replace("|", " ").split()] == [t[c] for c in settings(6)]
+    table4 = lines[lines.index(next(x for x in lines if x.startswith("Table 4"))) + 1:]
+    table4 = [x for x in table4 if x.startswith(runs["bf16"][-32:])]
+    assert "alpha 0.25" in out and len(table4) == 4
+    for line, (method, res) in zip(table4, [(m, r) for m in ("AbsMax", "SmoothQuant") for r in ("", "+Res")]):
+        bf16, name, yes, pt, slash, pk = line[32:].replace("/", " / ").split()
+        assert (name, yes, float(bf16)) == (method, "Yes" if res else "No", t["BF16"])
+        assert [float(pt), float(pk)] == [t[f"W6(C)A6(T) {method}{res}"], t[f"W6(C)A6(K) {method}{res}"]]

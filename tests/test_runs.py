@@ -1,11 +1,10 @@
 """bench/runs.py: the one summary of a run, on hand-written logs with known answers."""
 import json
-import math
 import os
 
 import pytest
 
-from bench.runs import summarize, train_flags
+from bench.runs import RunError, read_jsonl, summarize, train_flags
 from conftest import eval_row, train_row, write_run
 
 
@@ -70,3 +69,19 @@ def test_mfu_is_the_median_over_log_lines_and_final_act_the_last_lines_largest_l
     # 1024 tokens per step (write_run's total_batch_tokens) at 2 s per iteration
     assert s["tokens_per_sec"] == pytest.approx(512.0) and s["mfu"] is not None
     assert summarize(write_run(tmp_path / "o", [train_row(5, 2.0)]))["mfu"] is None  # no GPU peak known: no MFU
+
+
+def test_a_last_line_cut_short_is_left_out_with_one_note_and_a_bad_line_elsewhere_is_named(tmp_path, capsys):
+    rows = [train_row(1, 1.0), eval_row(1, 100.0), train_row(2, 1.0)]
+    path = tmp_path / "metrics.jsonl"
+    whole = "".join(json.dumps(r) + "\n" for r in rows)
+    path.write_text(whole + json.dumps(train_row(3, 1.0))[:25])  # a run killed while writing iter 3
+    assert read_jsonl(str(path)) == rows == read_jsonl(str(path))
+    assert capsys.readouterr().err == f"note: {path}: the last line is cut short (a run killed while writing it); read without it\n"
+    path.write_text(whole)
+    assert read_jsonl(str(path)) == rows and capsys.readouterr().err == ""
+    lines = whole.splitlines(True)
+    for broken in (1, 2):  # a cut line that a later line follows, and a last line that did end
+        path.write_text("".join(lines[:broken]) + lines[broken][:25] + "\n" + "".join(lines[broken + 1:]))
+        with pytest.raises(RunError, match=f"^{path}:{broken + 1} is not a JSON line "):
+            read_jsonl(str(path))

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from bench.eval import load
-from bench.stethoscope import CONDITIONS, conditions, stethoscope
-from conftest import REPO
+from bench.stethoscope import CONDITIONS, STATS, conditions, main as stethoscope_main, stethoscope
+from conftest import REPO, refused
 
 
 def direct(model, tokens):
@@ -75,7 +75,7 @@ def test_statistics_equal_a_direct_computation_on_the_same_batch(ev):
     assert a["avg_max"][-1] > 5 * c["avg_max"][-1]  # trained weights, not data, make the large values
 
 
-def test_the_command_line_writes_a_table_json_and_a_figure_and_never_overwrites(runs, tmp_path):
+def test_the_command_line_writes_a_table_json_and_a_figure_and_never_overwrites(runs, ev, tmp_path):
     png = tmp_path / "st.png"
     cmd = [sys.executable, "bench/stethoscope.py", f"--out_dir={runs['bf16']}", "--windows=8", f"--png={png}", "--json"]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -83,6 +83,29 @@ def test_the_command_line_writes_a_table_json_and_a_figure_and_never_overwrites(
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(result["conditions"]) == set("abcd") and len(result["conditions"]["a"]["avg_max"]) == 2
     assert "Supplementary Table 1" in r.stdout and "Avg Max" in r.stdout
+    # the JSON: each condition's numbers are those of that condition's model and tokens (seed 0, 8 windows),
+    # computed here by hand; the conditions' numbers differ, so a swap of two would show
+    peaks = {}
+    for key, (model, tokens) in conditions(ev, windows=8, seed=0).items():
+        layers, peaks[key] = direct(model, tokens)
+        for stat, values in layers.items():
+            assert result["conditions"][key][stat] == pytest.approx(values, rel=1e-5), (key, stat)
+    assert result["table1"] == {"real": pytest.approx(peaks["a"], rel=1e-5), "random": pytest.approx(peaks["d"], rel=1e-5)}
+    # the printed table: per layer, (a) to (d) left to right, Avg Max / Avg Min / Mean-Abs each, as in the JSON
+    lines = r.stdout.splitlines()
+    header = lines.index(next(line for line in lines if line.split()[:3] == ["layer", "Avg", "Max"]))
+    printed = [[part.split() for part in line.split("|")] for line in lines[header + 1:header + 3]]
+    for layer, groups in enumerate(printed):
+        assert groups[0][0] == str(layer) and len(groups) == len(CONDITIONS)
+        values = [g[-3:] for g in groups]
+        assert all(a != b for i, a in enumerate(values) for b in values[i + 1:]), values
+        for key, shown in zip(CONDITIONS, values):
+            assert [float(v) for v in shown] == [float(f"{result['conditions'][key][s][layer]:.4g}") for s in STATS], key
+    assert lines[header + 3] == "" and "Supplementary Table 1" in lines[header + 4]
+    rows = {line[:14].strip(): [float(v) for v in line[14:].split()] for line in lines[header + 6:header + 8]}
+    for name, key in (("Real text", "real"), ("Random tokens", "random")):
+        assert rows[name] == [float(f"{result['table1'][key][s]:.4g}") for s in ("max", "min", "avg_max")], name
+    assert rows["Real text"] != rows["Random tokens"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     before = png.read_bytes()
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -97,3 +120,10 @@ def test_a_hugging_face_gpt2_goes_through_the_stethoscope(hf_gpt2, demo_data, tm
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["model"] == hf_gpt2[0] and result["block_size"] == 64 and (tmp_path / "hf.png").exists()
+
+
+def test_a_png_that_cannot_be_written_is_refused_before_loading(runs, tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    png = tmp_path / "afile" / "s.png"
+    err = refused(capsys, stethoscope_main, f"--out_dir={runs['bf16']}", f"--png={png}")
+    assert err == f"error: --png={png} is not a file this process can write (its folder cannot be written or created)\n"

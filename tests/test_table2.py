@@ -1,7 +1,6 @@
 """bench/table2.py: Table 2 in the paper's layout, rows made from what the runs are."""
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -79,3 +78,18 @@ def test_two_runs_for_one_cell_and_bad_input_stop_before_any_output(runs, tmp_pa
                           ([runs["bf16"], "--papper=True"], "did you mean 'paper'"), ([], "no run directories")):
         r = subprocess.run([sys.executable, "bench/table2.py", *args], cwd=REPO, capture_output=True, text=True)
         assert r.returncode == 2 and r.stdout == "" and message in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_a_run_killed_while_writing_its_metrics_gives_the_table_of_its_complete_lines(runs, tmp_path, capsys):
+    killed = tmp_path / "killed"
+    shutil.copytree(runs["fp8"], killed, ignore=shutil.ignore_patterns("ckpt", "*.pt"))
+    with open(killed / "metrics.jsonl") as f:
+        lines = f.readlines()
+    (killed / "metrics.jsonl").write_text("".join(lines[:-1]))
+    table2([runs["bf16"], str(killed)])  # without the last line
+    whole = capsys.readouterr()
+    (killed / "metrics.jsonl").write_text("".join(lines[:-1]) + lines[-1][:len(lines[-1]) // 2])
+    table2([runs["bf16"], str(killed)])
+    cut = capsys.readouterr()
+    assert cut.out == whole.out and whole.err == ""
+    assert cut.err == f"note: {killed}/metrics.jsonl: the last line is cut short (a run killed while writing it); read without it\n"

@@ -1,13 +1,16 @@
-"""bench/throughput.py: the four modes side by side, printed and written as JSON."""
+"""bench/throughput.py: the four modes side by side, printed and written as JSON; its timer and
+memory count against steps of known cost; the fp32 reference row is fp32."""
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, refused
 
-from bench.throughput import MODES
+from bench.throughput import MODES, cpu_peak_bytes, main as throughput, make_step, peak_bytes, seconds_per_step
+from precision import LayerNormLinear
 
 SMALL = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--vocab_size=512", "--micro_batch_size=2",
          "--iters=2", "--warmup=1", "--device=cpu"]
@@ -113,3 +116,63 @@ def test_the_torch_fp8_backend_trains_with_its_scaling_state_in_fp32(cpu_gemm):
     assert backend.name == "torch" and next(model.parameters()).dtype == torch.bfloat16
     assert model.lm_head.fp8_scale.dtype == model.lm_head.fp8_amax_history.dtype == torch.float32
     assert (model.lm_head.fp8_amax_history[0] > 0).all()  # both steps went through the FP8 casts
+
+
+def test_a_json_path_that_cannot_be_written_is_refused_before_timing(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    path = tmp_path / "afile" / "t.json"
+    err = refused(capsys, throughput, f"--json={path}")
+    assert err == f"error: --json={path} is not a file this process can write (its folder cannot be written or created)\n"
+
+
+def test_the_timer_measures_steps_of_known_duration():
+    """seconds_per_step: the mean wall time of one call, over n calls (sleeps of 20 and 60 ms)."""
+    calls = []
+    for seconds in (0.02, 0.06):
+        t = seconds_per_step(lambda: calls.append(time.sleep(seconds)), 3, torch.device("cpu"))
+        assert seconds <= t < 2 * seconds, (seconds, t)  # per step, not the 3 steps' total
+    assert len(calls) == 6
+
+
+def test_peak_memory_counts_the_resident_state_and_the_highest_point_of_a_step():
+    """peak_bytes on CPU: parameters and AdamW state (counted here from the shapes), plus the
+    most a step holds at once: 6 MiB for 4 and 2 MiB alive together, 4 MiB (not 8) for two 4 MiB
+    tensors one after the other."""
+    model = torch.nn.Linear(256, 128)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 256)).sum().backward()
+    optimizer.step()  # AdamW's state: exp_avg and exp_avg_sq per parameter, and a step count (fp32 scalar)
+    model.zero_grad(set_to_none=True)
+    resident = 3 * 4 * (256 * 128 + 128) + 2 * 4
+    MiB = 2 ** 20
+
+    def together():
+        a = torch.ones(MiB)  # 4 MiB of fp32
+        b = torch.ones(MiB // 2)
+        del a, b
+
+    def in_turn():
+        for _ in range(2):
+            a = torch.ones(MiB)
+            del a
+    cpu = torch.device("cpu")
+    assert resident + 6 * MiB <= peak_bytes(together, model, optimizer, cpu) <= resident + 6 * MiB + 4096
+    assert 4 * MiB <= cpu_peak_bytes(in_turn) <= 4 * MiB + 4096
+
+
+def test_the_fp32_reference_has_fp32_weights_and_no_autocast():
+    """make_step's 'fp32' row: every parameter fp32 and the GEMMs outside autocast, fp32 out;
+    the 'bf16' row (the negative control): bf16 weights, under autocast, bf16 out."""
+    cfg = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=512, micro_batch_size=2,
+               activation_checkpointing=False, fp8_backend="auto", compile=False)
+    seen = {}
+    for mode, dtype, autocast in (("fp32", torch.float32, False), ("bf16", torch.bfloat16, True)):
+        step, _, model, _ = make_step(cfg, mode, torch.device("cpu"))
+        gemms = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, LayerNormLinear))]
+        hooks = [m.register_forward_hook(lambda m, a, out, mode=mode: seen.setdefault(mode, set()).add(
+            (out.dtype, torch.is_autocast_enabled("cpu")))) for m in gemms]
+        step.micro_batch()
+        for h in hooks:
+            h.remove()
+        assert {p.dtype for p in model.parameters()} == {dtype} and len(gemms) == 5  # QKV, out, fc, proj, head
+        assert seen[mode] == {(dtype, autocast)}, mode

@@ -22,6 +22,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configurator import fail  # noqa: E402
+
 OPS = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.FloorDiv: ast.Mult,
        ast.Pow: ast.Mult, ast.Mod: ast.FloorDiv}
 CMPS = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq, ast.NotEq: ast.Eq,
@@ -134,8 +137,7 @@ def main():
         missing = sorted(f for f in functions if f not in defined and not any(q.endswith("." + f) for q in defined))
         problem = missing and f"{args.module} defines no function or class {', '.join(missing)}"
     if problem or (args.timeout is not None and args.timeout <= 0):
-        print(f"mutate.py: {problem or '--timeout must be positive'}", file=sys.stderr)
-        sys.exit(2)
+        fail(problem or "--timeout must be positive")
     if args.list:
         for line, name, before, after, _ in mutants(source, functions):
             print(f"L{line} {name}: {before[:60]} -> {after[:60]}")
@@ -146,8 +148,7 @@ def main():
         copy_repo(root, repo)
         t0 = time.time()
         if not run_tests(repo, test_file, None):
-            print(f"mutate.py: {test_file} fails on the unmutated {module}: fix that first", file=sys.stderr)
-            sys.exit(2)
+            fail(f"{test_file} fails on the unmutated {module}: fix that first")
         timeout = args.timeout or 3 * (time.time() - t0) + 10
         print(f"unmutated: {test_file} passes in {time.time() - t0:.1f} s; timeout {timeout:.0f} s per mutant", flush=True)
         killed, survivors = 0, []
