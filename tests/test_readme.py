@@ -1,4 +1,5 @@
-"""README.md says what the code does: its table of config keys is train.py's, and its numbers are the scripts'."""
+"""README.md and docs/ say what the code does: the table of config keys (docs/config.md) is train.py's,
+and the README's numbers are the scripts'."""
 import ast
 import os
 import re
@@ -14,6 +15,11 @@ from configurator import declared_keys  # noqa: E402
 
 def readme():
     with open(os.path.join(REPO, "README.md")) as f:
+        return f.read()
+
+
+def config_doc():
+    with open(config_table.CONFIG_DOC) as f:
         return f.read()
 
 
@@ -35,9 +41,9 @@ def test_the_table_lists_exactly_train_pys_keys_and_defaults():
     assert not set(config_table.MEANINGS) - ({key for _, key, _, _ in rows} - commented)  # no stale entry
 
 
-def test_the_readme_holds_the_current_table():
-    text = readme()
-    assert config_table.with_table(text) == text, "README.md's config table is stale: python tools/config_table.py --write"
+def test_docs_config_md_holds_the_current_table():
+    text = config_doc()
+    assert config_table.with_table(text) == text, "docs/config.md's table is stale: python tools/config_table.py --write"
     assert config_table.table() in text
 
 
@@ -48,7 +54,7 @@ def test_a_new_key_without_a_meaning_is_caught(tmp_path):
     new_train.write_text(source.replace("seed = 1337\n", "seed = 1337\neval_windows = 64\n", 1))
     rows = config_table.rows(str(new_train))
     assert ("run", "eval_windows", "64", None) in rows
-    assert config_table.with_table(readme(), str(new_train)) != readme()  # the README test would fail
+    assert config_table.with_table(config_doc(), str(new_train)) != config_doc()  # the table test would fail
     new_train.write_text(source.replace("seed = 1337\n", "seed = 1337\neval_windows = 64  # val windows\n", 1))
     assert ("run", "eval_windows", "64", "val windows") in config_table.rows(str(new_train))
 
