@@ -603,6 +603,7 @@ def fp8_state_sum():
 iter_num, best_val_loss, best_train_loss, act_peak, wandb_id = 0, float("inf"), float("inf"), 0.0, None
 if resume_tag:
     if convert_from:
+        built_groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
         _, client = engine.load_checkpoint(os.path.join(ckpt_dir, resume_tag), tag="universal")
         # Two faults of DeepSpeed's ZeRO-3 universal load (deepspeed/runtime/zero/stage3.py,
         # load_hp_checkpoint_state_from_checkpoint_dir_stage3), undone here:
@@ -610,16 +611,15 @@ if resume_tag:
         #    group's step in place: the count went up by 2 per iteration (10 -> 22 in 6 steps, and
         #    saved so), with the bias corrections of those later steps. Each group gets its own copy;
         # 2. it gives every param group the first group's hyperparameters (["param_groups"][0]): the
-        #    no-decay group (biases, LayerNorm) decayed. Each takes back its own, as a resume on as
-        #    many ranks does.
+        #    no-decay group (biases, LayerNorm) decayed. Each takes back the settings this run built
+        #    it with (the run's own config; lr is set every iteration).
         # Measured (configs/tiny.py in bf16, saved on 2 ranks at iter 10, resumed on 1 to 16): its
         # losses were 1.9e-3 off the uninterrupted run, now 5.8e-5, as a 1-rank run from scratch (4e-5).
         for state in engine.optimizer.optimizer.state.values():
             if torch.is_tensor(state.get("step")):
                 state["step"] = state["step"].clone()
-        for group, saved_group in zip(engine.optimizer.param_groups, torch.load(
-                os.path.join(universal, "zero", "optimizer_state.pt"), weights_only=False)["param_groups"]):
-            group.update({k: v for k, v in saved_group.items() if k != "params"})
+        for group, built in zip(engine.optimizer.param_groups, built_groups):
+            group.update(built)
         # a universal checkpoint restores parameters and optimizer state; the module's buffers
         # (the emulated and torch backends' FP8 scaling state) come from the model states themselves
         model_states = sorted(f for f in os.listdir(os.path.join(ckpt_dir, resume_tag)) if f.endswith("model_states.pt"))

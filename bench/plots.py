@@ -31,7 +31,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker as ticker  # noqa: E402
 import torch  # noqa: E402
 
-from bench.runs import latest_by_iter, parse_args, read_run  # noqa: E402
+from bench.runs import latest_by_iter, parse_args  # noqa: E402
 from configurator import fail, writable_dir  # noqa: E402
 
 USAGE = "python bench/plots.py RUN_DIR [RUN_DIR ...] [--out=DIR] [--hist_iters=N] [--overwrite]"
@@ -229,7 +229,7 @@ def main(argv):
     if no_model:
         fail(f"{', '.join(no_model)} has no checkpoint (model_last.pt or ckpt/latest) for Figure 4")
     names = labels(summaries)
-    rows_by_run = {s["out_dir"]: read_run(s["out_dir"])[1] for s in summaries}
+    rows_by_run = {s["out_dir"]: s["rows"] for s in summaries}
     figures = {"fig5_act_stats.png": fig_act_stats(summaries, names, rows_by_run)}
     for precision, file, fig_no in (("bf16", "fig2_act_max_bf16.png", 2), ("fp8", "fig3_act_max_fp8.png", 3)):
         if any(s["precision"] == precision for s in summaries):

@@ -41,9 +41,6 @@ def read_run(out_dir):
     return run, read_jsonl(metrics, object_hook=non_finite)
 
 
-_noted = set()  # the files whose cut-short last line was already reported
-
-
 def read_jsonl(path, object_hook=None):
     """The objects of a JSON-lines file. A last line cut short (no newline, not JSON: what a
     process killed while writing leaves) is left out, with one note on stderr; a bad line
@@ -59,10 +56,8 @@ def read_jsonl(path, object_hook=None):
         except ValueError as e:
             if n < len(lines):
                 raise RunError(f"{path}:{n} is not a JSON line ({e})") from None
-            if path not in _noted:
-                print(f"note: {path}: the last line is cut short (a run killed while writing it); read without it",
-                      file=sys.stderr)
-                _noted.add(path)
+            print(f"note: {path}: the last line is cut short (a run killed while writing it); read without it",
+                  file=sys.stderr)
     return rows
 
 
@@ -196,7 +191,7 @@ def summarize(out_dir):
         "total_hours": s_per_iter * max_iters / 3600 * run.get("world_size", 1) if s_per_iter else None,
         "vram_gb": max((r["mem_peak_gb"] for r in train), default=None),
         "group": group_key(run), "row": (variant(config), tweo_label(config)),
-        "config": config, "model_args": model_args,
+        "config": config, "model_args": model_args, "rows": rows,
     }
 
 

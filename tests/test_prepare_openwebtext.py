@@ -290,10 +290,9 @@ def an_older_version_killed_after_its_vocab_map(d):  # with --compact_vocab it p
     os.remove(d / "meta.json")
 
 
-def a_damaged_train_bin(d):
+def a_truncated_train_bin(d):
     with open(d / "train.bin", "r+b") as f:
-        f.seek(100)
-        f.write(b"\xff\xff")
+        f.truncate(100)
 
 
 UNFINISHED = "{d} holds an unfinished preparation (%s without meta.json): starting over"
@@ -307,7 +306,7 @@ INTERRUPTED = {
     leftovers_beside_finished_data: "removed the leftovers of an interrupted preparation from {d}: meta.json.tmp, train.bin.tmp",
     an_older_version_killed_between_the_renames: UNFINISHED % "train.bin, val.bin.tmp",
     an_older_version_killed_after_its_vocab_map: UNFINISHED % "vocab_map.npy, train.bin.tmp, val.bin.tmp",
-    a_damaged_train_bin: "{d} holds an unfinished preparation (train.bin does not match the sha256 in meta.json): starting over",
+    a_truncated_train_bin: "{d} holds an unfinished preparation (train.bin does not have the size meta.json gives it): starting over",
 }
 
 
