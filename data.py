@@ -15,10 +15,13 @@ import os
 import numpy as np
 import torch
 
-# The val windows' own seed words. A training iteration seeds with [seed, it], which numpy's
-# SeedSequence treats as [seed, it, 0]: a nonzero last word keeps every iteration (up to 2^32)
-# off the val stream. ([seed, 0x7E0] alone was the stream of training iteration 2016.)
-VAL_STREAM = (0x7E0, 1)
+# The val windows' seed words. They belong to the data, not to the run: runs with different seeds
+# are scored on the same text, so a seed-to-seed spread is the training's, not the val sample's.
+# 1337 (the default run seed) keeps the windows every seed-1337 run before this change was scored on.
+# A training iteration seeds with [seed, it], which numpy's SeedSequence treats as [seed, it, 0]:
+# a nonzero last word keeps every iteration (up to 2^32) off the val stream. ([seed, 0x7E0] alone
+# was the stream of training iteration 2016.)
+VAL_STREAM = (1337, 0x7E0, 1)
 
 
 class DataError(Exception):
@@ -68,8 +71,8 @@ def train_offsets(seed, it, n_windows, data_len, block_size):
     return rng.integers(0, data_len - block_size - 1, size=n_windows)
 
 
-def val_offsets(seed, n_windows, data_len, block_size):
-    rng = np.random.default_rng([seed, *VAL_STREAM])
+def val_offsets(n_windows, data_len, block_size):
+    rng = np.random.default_rng(VAL_STREAM)
     return rng.integers(0, data_len - block_size - 1, size=n_windows)
 
 

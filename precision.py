@@ -7,9 +7,10 @@ model.py asks a backend for two layer types and one context manager:
     backend.Linear(in, out, bias, init_std)
     with backend.autocast(): ...                        wraps one micro-batch forward
 
-and train.py additionally calls backend.autocast(model, first_micro_batch) (the FP8 scale
-update at entry; weights cast once per iteration), backend.checkpoint(fn, x) for activation
-checkpointing and backend.telemetry(model) for the FP8 amax / saturation signals.
+and train.py additionally calls backend.autocast(model, first_micro_batch, measure_quant_error)
+(the FP8 scale update at entry; weights cast once per iteration; a step whose FP8 casts record
+what they lose), backend.checkpoint(fn, x) for activation checkpointing, backend.telemetry(model)
+for the FP8 amax / saturation signals and fp8_quant_error(model) for the measured losses.
 backend.compile says whether the fused pieces (FP8 casts, the TWEO term) run compiled.
 
 Four backends, chosen by make_backend():
@@ -171,7 +172,7 @@ class BF16Backend:
     def matmul(self, a, b):
         return matmul(a, b, self.cpu_gemm)
 
-    def autocast(self, model=None, first_micro_batch=None):
+    def autocast(self, model=None, first_micro_batch=None, measure_quant_error=False):
         return torch.autocast(device_type=self.device_type, dtype=torch.bfloat16)
 
     def checkpoint(self, fn, *args):
@@ -388,9 +389,12 @@ class _FP8LinearFunction(torch.autograd.Function):
         # plain tensors, so that a compiled cast sees one kind of input: no Parameter (whose shape it
         # would fix), no autograd, no view into the stacked scaling state
         scales, wide = layer.fp8_scale.clone(), gemm.operand_dtype(out_dtype)
-        xq, ax, sat_x, sx = cast(x.detach().reshape(-1, x.shape[-1]), scales, 0, E4M3, current, wide)
+        x2d = x.detach().reshape(-1, x.shape[-1])
+        xq, ax, sat_x, sx = cast(x2d, scales, 0, E4M3, current, wide)
         if training_step:  # evaluation leaves the scaling state as it is
             layer.record(0, ax, sat_x)
+            if layer.fp8_micro_batches.measure_quant_error:
+                layer.record_quant_error(0, x2d, xq, sx, sat_x)
         wq, sw = _fp8_weight(layer, weight, scales, current, wide, training_step)
         x_inv, w_inv = sx.reciprocal(), sw.reciprocal()
         out = gemm.mm(*gemm.operands(xq, wq.t()), x_inv, w_inv, out_dtype, bias, fast_accum=True)
@@ -407,6 +411,8 @@ class _FP8LinearFunction(torch.autograd.Function):
         gq, ag, sat_g, sg = layer.fp8_cast(g.detach(), layer.fp8_scale.clone(), 2, E5M2, layer.recipe == "current",
                                            gemm.operand_dtype(ctx.out_dtype))
         layer.record(2, ag, sat_g)
+        if layer.fp8_micro_batches.measure_quant_error:
+            layer.record_quant_error(2, g, gq, sg, sat_g)
         g_inv = sg.reciprocal()
         grad_x = grad_w = grad_b = None
         # both GEMMs produce the activation dtype, as the forward one (TE under autocast);
@@ -432,6 +438,8 @@ def _fp8_weight(layer, weight, scales, current, wide, training_step):
     wq, aw, sat_w, sw = layer.fp8_cast(weight.detach(), scales, 1, E4M3, current, wide)
     if training_step:
         layer.record(1, aw, sat_w)
+        if micro_batches.measure_quant_error:
+            layer.record_quant_error(1, weight, wq, sw, sat_w)
         layer.fp8_weight_cache = (key, wq, sw) if micro_batches.first else None
     return wq, sw
 
@@ -453,9 +461,10 @@ class MicroBatches:
 
     def __init__(self):
         self.first, self.iteration = None, 0
+        self.measure_quant_error = False  # the training step that runs now records quantization errors
 
-    def enter(self, first):
-        self.first = first
+    def enter(self, first, measure_quant_error=False):
+        self.first, self.measure_quant_error = first, measure_quant_error and torch.is_grad_enabled()
         self.iteration += bool(first)
 
 
@@ -473,6 +482,7 @@ class _FP8State:
         self.recipe, self.compute_algo, self.fp8_gemm, self.fp8_cast = recipe, compute_algo, gemm, cast
         self.fp8_micro_batches = micro_batches or MicroBatches()
         self.fp8_weight_cache = None  # ((iteration, operand dtype), FP8 weight, its scale): not state, not saved
+        self.fp8_quant_error = None  # [role, QUANT_ERROR_SUMS] of a measured step: telemetry, not state
         self.register_buffer("fp8_scale", torch.ones(3))
         self.register_buffer("fp8_amax_history", torch.zeros(history_len, 3))
         self.register_buffer("fp8_amax_pending", torch.zeros(3))
@@ -487,6 +497,22 @@ class _FP8State:
         self.fp8_amax_pending[role] = torch.maximum(self.fp8_amax_pending[role], amax)
         self.fp8_saturated[role] += saturated
         self.fp8_saturated_flags[role] |= saturated > 0
+
+    def record_quant_error(self, role, x, q, scale, saturated):
+        """On a measured step only: what the cast of x to q (FP8 values, scale applied) lost, as
+        sums over the step's casts (QUANT_ERROR_SUMS). A plain attribute, not a buffer: never
+        checkpointed, never cast to bf16 by DeepSpeed, read and cleared by fp8_quant_error."""
+        if self.fp8_quant_error is None:
+            self.fp8_quant_error = torch.zeros(3, len(QUANT_ERROR_SUMS), dtype=torch.float64, device=x.device)
+        x, q = x.detach().float(), q.float()
+        finite = torch.isfinite(x)  # a NaN or inf is the collapse detector's business
+        x, q = torch.where(finite, x, 0.0), torch.where(finite, q, 0.0)
+        nonzero = x != 0
+        error = q / scale - x
+        self.fp8_quant_error[role] += torch.stack([
+            error.square().sum(dtype=torch.float64), x.square().sum(dtype=torch.float64),
+            (nonzero & (q == 0)).sum().double(), nonzero.sum().double(), saturated.double(),
+            torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device)])
 
 
 class FP8Linear(_FP8State, Linear):
@@ -547,13 +573,14 @@ class EmulatedFP8Backend:
         return EmulatedGemmInFP32 if self.cpu_gemm == "fp32" else EmulatedGemm
 
     @contextlib.contextmanager
-    def autocast(self, model=None, first_micro_batch=None):
+    def autocast(self, model=None, first_micro_batch=None, measure_quant_error=False):
         """Entering applies the amax recorded since the last entry (the previous micro-batch's
         forward and backward), max-reduced across data-parallel ranks in one collective;
         the FP8 GEMMs then run with activations in bf16 around them. first_micro_batch: True
         or False where an iteration has several micro-batches, so that weights are cast once
-        per iteration (MicroBatches); None casts them in every forward."""
-        self.micro_batches.enter(first_micro_batch if torch.is_grad_enabled() else None)
+        per iteration (MicroBatches); None casts them in every forward. measure_quant_error:
+        this micro-batch's casts, forward and backward, add to fp8_quant_error's sums."""
+        self.micro_batches.enter(first_micro_batch if torch.is_grad_enabled() else None, measure_quant_error)
         if model is not None:
             update_fp8_scales(model)
         with torch.autocast(device_type=self.device_type, dtype=torch.bfloat16):
@@ -695,6 +722,39 @@ def fp8_telemetry(model):
         "fp8_saturated_total": int(sum(map(sum, sat_rows))),
         "fp8_saturated_tensors": int(clipped),
     }
+
+
+# What a measured step's FP8 casts lost, summed per GEMM and role over its micro-batches and ranks:
+# ||Q(x) - x||^2 and ||x||^2 (Q(x): the FP8 value times 1/scale, what the GEMM computes with), the
+# nonzero elements that became zero (flushed below E4M3's / E5M2's smallest subnormal), the nonzero
+# elements, the saturated elements (clipped to the format's maximum) and all elements.
+QUANT_ERROR_SUMS = ("error_sq", "x_sq", "flushed", "nonzero", "saturated", "elements")
+
+
+@torch.no_grad()
+def fp8_quant_error(model):
+    """Per GEMM and role, over the casts of the steps measured since the last call (MicroBatches.
+    measure_quant_error): the relative error ||Q(x) - x|| / ||x||, and the fractions of nonzero
+    elements flushed to zero and of elements saturated. Summed over ranks (a collective when
+    distributed); {} when nothing was measured. Clears the sums."""
+    layers = fp8_layers(model)
+    measured = [m.fp8_quant_error is not None for _, m in layers]
+    if not layers or (not any(measured) and not _distributed()):
+        return {}
+    device = next(m.fp8_scale.device for _, m in layers)
+    sums = torch.stack([m.fp8_quant_error if m.fp8_quant_error is not None else
+                        torch.zeros(3, len(QUANT_ERROR_SUMS), dtype=torch.float64, device=device) for _, m in layers])
+    if _distributed():  # every rank calls, measured or not (a rank may have no FP8 GEMM in that step)
+        torch.distributed.all_reduce(sums)
+    for _, m in layers:
+        m.fp8_quant_error = None
+    error_sq, x_sq, flushed, nonzero, saturated, elements = sums.unbind(-1)
+    ratios = torch.stack([(error_sq / x_sq).sqrt(), flushed / nonzero, saturated / elements], dim=-1)
+    if not bool(elements.sum() > 0):
+        return {}
+    rows = torch.where(elements.unsqueeze(-1) > 0, ratios, float("nan")).tolist()  # nan: a role never cast
+    return {"fp8_quant_error": {name: {role: dict(zip(("rel_error", "flushed", "saturated"), r))
+                                       for role, r in zip(ROLES, row)} for (name, _), row in zip(layers, rows)}}
 
 
 # ----------------------------------------------------------------------------------------
@@ -855,9 +915,10 @@ class TransformerEngineBackend:
         self.LayerNormLinear = lambda i, o, bias=True, init_std=0.02: LayerNormLinear(
             i, o, bias=bias, eps=1e-5, init_method=init(init_std), params_dtype=torch.get_default_dtype())
 
-    def autocast(self, model=None, first_micro_batch=None):
+    def autocast(self, model=None, first_micro_batch=None, measure_quant_error=False):
         """TE's autocast; first_micro_batch goes to every TE layer's forward as TE's
-        is_first_microbatch (weights cast once per iteration)."""
+        is_first_microbatch (weights cast once per iteration). measure_quant_error is ignored:
+        TE's casts happen inside its kernels, where nothing sees the tensors before and after."""
         self.micro_batches.enter(first_micro_batch if torch.is_grad_enabled() else None)
         if model is not None and torch.is_grad_enabled():  # a training micro-batch
             self.saturation.step(model)

@@ -77,7 +77,7 @@ zero_stage = 3
 activation_checkpointing = False
 # evaluation, logging and checkpoints
 eval_interval = 1000
-eval_windows = 3200  # the fixed val windows, whatever micro_batch_size and the number of GPUs
+eval_windows = 3200  # the fixed val windows, whatever micro_batch_size, the number of GPUs and the seed
 log_interval = 10
 act_stats_interval = 1000
 ckpt_interval = 2000
@@ -207,7 +207,7 @@ import torch  # noqa: E402
 
 import data as D  # noqa: E402
 from model import GPTConfig  # noqa: E402
-from precision import fp8_shape_error, make_backend  # noqa: E402
+from precision import fp8_quant_error, fp8_shape_error, make_backend  # noqa: E402
 
 use_cuda = torch.cuda.is_available()
 ckpt_dir = os.path.join(out_dir, "ckpt")
@@ -381,8 +381,8 @@ from precision import keep_fp8_state_fp32, load_te_fp8_state, te_fp8_state  # no
 keep_fp8_state_fp32(raw_model)  # DeepSpeed casts float buffers to bf16; scales and amaxes stay fp32
 
 
-def autocast(first_micro_batch=None):
-    return backend.autocast(raw_model, first_micro_batch)
+def autocast(first_micro_batch=None, measure_quant_error=False):
+    return backend.autocast(raw_model, first_micro_batch, measure_quant_error)
 
 
 def get_lr(it):
@@ -563,6 +563,8 @@ def log_metrics(row):
         try:
             flat = {k: v for k, v in row.items() if not isinstance(v, (dict, list))}
             flat.update({f"act_max/layer{i}": v for i, v in enumerate(row.get("act_max_per_layer", []))})
+            flat.update({f"fp8_quant_error/{gemm}/{role}/{k}": v for gemm, roles in row.get("fp8_quant_error", {}).items()
+                         for role, stats in roles.items() for k, v in stats.items()})
             wandb_run.log(flat)  # plotted against `iter` (define_metric after wandb.init), never step=iter
         except Exception as e:  # wandb never stops training
             print(f"warning: wandb.log failed ({type(e).__name__}: {e}); wandb logging off", flush=True)
@@ -676,7 +678,7 @@ if master:
             print(f"warning: wandb.init failed ({type(e).__name__}: {e}); logging to metrics.jsonl only", flush=True)
             wandb_run = None
 
-val_windows = D.val_offsets(seed, eval_windows, len(val_data), block_size)
+val_windows = D.val_offsets(eval_windows, len(val_data), block_size)
 flops_per_token = raw_model.flops_per_token()
 peak = peak_flops()
 
@@ -717,11 +719,13 @@ while iter_num < max_iters:
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
     offsets = D.train_offsets(seed, iter_num, n_windows, len(train_data), block_size)
+    # the step before each act_stats line has its FP8 casts' losses measured (fp8_quant_error)
+    measured = act_stats_interval > 0 and (iter_num + 1) % act_stats_interval == 0
     sums = torch.zeros(3, device=device)  # task loss, TWEO term (summed over micro-steps), ranks asked to stop
     for micro_step in range(grad_accum):
         x, y = D.get_batch(train_data, D.rank_slice(offsets, micro_step, rank, world_size, micro_batch_size),
                            block_size, device)
-        with autocast(first_micro_batch=micro_step == 0 if grad_accum > 1 else None):  # FP8 weights cast once
+        with autocast(micro_step == 0 if grad_accum > 1 else None, measured):  # FP8 weights cast once
             out = engine(x, y, with_tweo=lam > 0)
         task_loss = out.loss * float("nan") if iter_num == inject_nan_iter else out.loss
         loss = task_loss + lam * out.tweo_loss if lam > 0 else task_loss
@@ -784,7 +788,8 @@ while iter_num < max_iters:
                   + f" | {row['mem_peak_gb']:.2f} GB | ETA {eta / 3600:.0f}h{eta % 3600 / 60:02.0f}m", flush=True)
 
     if act_stats_interval > 0 and iter_num % act_stats_interval == 0:
-        log_metrics({"iter": iter_num, "act_stats": act_stats()})
+        quant_error = fp8_quant_error(raw_model)  # collective; before act_stats' forward
+        log_metrics({"iter": iter_num, "act_stats": act_stats(), **quant_error})
 
     if iter_num % eval_interval == 0 or iter_num == max_iters:
         val_loss = run_eval()

@@ -5,7 +5,7 @@ Validation loss, perplexity and outlier statistics of a trained model, in BF16 o
                          [--data_dir=DIR (default: the run's)] [--device=cpu|cuda]
     python bench/eval.py --hf=DIR --data_dir=data/openwebtext [--block_size=N] [--eval_iters=N]
 
-The val windows are the ones train.py evaluates on (same seed, block size and count), so
+The val windows are the ones train.py evaluates on (same block size and count), so
 the numbers compare with the val_loss in metrics.jsonl. Per layer, for block outputs and
 FFN outputs (before the residual add): top-1/2/3, median, max, mean |value|, kurtosis
 (raw mu4/sigma^4, 3 for a Gaussian) and inf-norm. --precision defaults to the precision
@@ -13,7 +13,7 @@ the run was trained in; fp8 uses the checkpoint's own FP8 scaling state.
 
 --hf=DIR evaluates a Hugging Face GPT-2 directory (config.json + model.safetensors or
 pytorch_model.bin, e.g. a local copy of `gpt2`): it has no run, so --data_dir is needed and
-the windows are 200 val windows of train.py's default seed 1337 (--eval_iters=N: N x 8) of --block_size
+the windows are train.py's first 200 val windows (--eval_iters=N: N x 8) of --block_size
 tokens (default: the model's n_positions, 1024 for GPT-2).
 
 For post-training quantization work, evaluate(model, transform=...) evaluates a model
@@ -57,11 +57,11 @@ def evaluate(model, val_data, offsets, block_size, micro_batch_size, backend, tr
 
 
 # --hf=DIR: a Hugging Face GPT-2 has no run.json, so the val windows come from these
-# (train.py's default seed 1337; 200 windows of the model's n_positions tokens, fewer than train.py's 3200)
-HF_RUN = dict(seed=1337, micro_batch_size=8, eval_windows=200, precision="bf16", fp8_backend="emulated",
+# (200 windows of the model's n_positions tokens, fewer than train.py's 3200)
+HF_RUN = dict(micro_batch_size=8, eval_windows=200, precision="bf16", fp8_backend="emulated",
               fp8_recipe="delayed", fp8_amax_history_len=16, fp8_amax_compute_algo="max")
 RUN_KEYS = ("precision", "fp8_backend", "fp8_recipe", "fp8_amax_history_len", "fp8_amax_compute_algo",
-            "micro_batch_size", "data_dir", "seed")
+            "micro_batch_size", "data_dir")
 LOAD_DEFAULTS = dict(out_dir="out", hf="", ckpt="last", precision="", eval_iters=0, data_dir="", block_size=0,
                      device="cuda" if torch.cuda.is_available() else "cpu")
 LOAD_RULES = [  # (key, test(value), what the value must be), the first broken rule stops
@@ -142,7 +142,7 @@ def load(out_dir="out", hf="", ckpt="last", precision="", eval_iters=0, data_dir
         val_data = D.open_split(data_dir, "val", block_size, info.get("hf_vocab_size", model.config.vocab_size))
     except D.DataError as e:
         fail(e)
-    offsets = D.val_offsets(run["seed"], n_windows, len(val_data), block_size)
+    offsets = D.val_offsets(n_windows, len(val_data), block_size)
     return SimpleNamespace(**dict(vars(ev), run=run, val_data=val_data, offsets=offsets, block_size=block_size,
                                   micro_batch_size=micro, data_dir=data_dir,
                                   vocab_size=info.get("hf_vocab_size", GPT2_VOCAB_SIZE)))

@@ -8,11 +8,13 @@ four modes into out/mini_figures. A finished run is skipped on rerun, an interru
 from its last checkpoint. Results and their commands: results/mini.md.
 
     python prepare_openwebtext.py --stdlib --compact_vocab
-    python bench/mini.py [--only=modes,invasive,ablations,probes] [--parallel=2] [--train=False] [--figures=True]
-                         [--runs_dir=out] [--data_dir=data/stdlib] [--max_iters=600]
+    python bench/mini.py [--only=modes,invasive,ablations,probes] [--seeds=1337,2,3] [--parallel=2] [--train=False]
+                         [--figures=True] [--runs_dir=out] [--data_dir=data/stdlib] [--max_iters=600]
 
 --only picks the groups to train (default: the first three, the paper's tables; `probes` adds
-other seeds and a 1-step amax history); the tables hold every run already in runs_dir.
+a 1-step amax history); the tables hold every run already in runs_dir. --seeds trains each run
+with each seed: seed 1337 in out/<run>, another in out/<run>_seed<N>; the tables give a cell of
+several seeds as mean ± sd, and Table 2 the paired per-seed gaps to BF16.
 --parallel=N trains N runs at once, each with its share of the cores and its output in
 <runs_dir>/mini_logs/<run>.log (small models use two single-threaded runs better than one
 two-threaded one). --train=False only prints the tables of the runs that exist. --max_iters
@@ -46,14 +48,26 @@ RUNS = {
     "mini_bf16_clipped_softmax": ("invasive", "mini_bf16", CLIPPED_SOFTMAX),
     **{f"mini_bf16_tweo_tau{tau:g}": ("ablations", "mini_bf16_tweo", [f"--tweo_tau={tau}"]) for tau in (1.0, 5.0)},
     **{f"mini_bf16_tweo_p{p:g}": ("ablations", "mini_bf16_tweo", [f"--tweo_p={p}"]) for p in (2.0, 3.0, 5.0)},
-    # not part of the paper's tables, and not run unless asked for (--only=probes): is BF16 vs naive
-    # FP8 the same with other seeds, and does a 1-step amax history (a sensitivity probe only) fail?
-    **{f"mini_{mode}_seed{seed}": ("probes", f"mini_{mode}", [f"--seed={seed}"]) for seed in (2, 3) for mode in ("bf16", "fp8")},
+    # not part of the paper's tables, and not run unless asked for (--only=probes): does a 1-step amax
+    # history (a sensitivity probe only) fail?
     "mini_fp8_amax_history1": ("probes", "mini_fp8", ["--fp8_amax_history_len=1"]),
 }
 GROUPS = ("modes", "invasive", "ablations", "probes")
 DEFAULTS = {"only": "modes,invasive,ablations", "parallel": 1, "train": True, "figures": True, "runs_dir": "out",
-            "data_dir": os.path.join("data", "stdlib"), "max_iters": 600}  # 600: configs/sizes/mini.py
+            "data_dir": os.path.join("data", "stdlib"), "max_iters": 600,  # 600: configs/sizes/mini.py
+            "seeds": "1337"}
+FIRST_SEED = 1337  # train.py's default: its runs keep the plain name (out/mini_bf16), others get _seed<N>
+
+
+def seeded(name, seed):
+    """The run `name` trained with `seed`: (its directory name, the train.py flags it adds)."""
+    return (name, []) if seed == FIRST_SEED else (f"{name}_seed{seed}", [f"--seed={seed}"])
+
+
+def split_seed(run):
+    """mini_bf16_seed2 -> ('mini_bf16', 2), mini_bf16 -> ('mini_bf16', 1337): the RUNS entry and seed of a run."""
+    head, _, tail = run.rpartition("_seed")
+    return (head, int(tail)) if head in RUNS and tail.isdigit() else (run, FIRST_SEED)
 
 
 def repo_path(path):
@@ -64,8 +78,11 @@ def repo_path(path):
 
 
 def command(name, opts):
-    """The train.py command that trains or resumes run `name`; None if it is finished."""
-    _, config, flags = RUNS[name]
+    """The train.py command that trains or resumes run `name` (a RUNS name, or one with a
+    _seed<N> suffix); None if it is finished."""
+    base, seed = split_seed(name)
+    _, config, flags = RUNS[base]
+    flags = flags + seeded(base, seed)[1]
     out_dir = os.path.join(opts["runs_dir"], name)
     resume = train_flags(out_dir, opts["max_iters"])
     if resume is None:
@@ -116,25 +133,26 @@ def main(argv):
     for key in ("parallel", "max_iters"):
         if opts[key] < 1:
             fail(f"--{key} must be at least 1, not {opts[key]}")
+    seeds = [int(v) for v in opts["seeds"].split(",") if v.strip().isdigit()]
+    if not seeds or len(seeds) != len(opts["seeds"].split(",")) or len(set(seeds)) != len(seeds):
+        fail(f"--seeds takes distinct non-negative integers separated by commas (e.g. 1337,2,3), not '{opts['seeds']}'")
     if opts["train"] and not os.path.exists(os.path.join(opts["data_dir"], "meta.json")):
         fail(f"{opts['data_dir']}/meta.json not found; prepare the corpus first: "
              f"python prepare_openwebtext.py --stdlib --compact_vocab")
-    names = [n for n, (g, _, _) in RUNS.items() if g in groups]
+    names = [seeded(n, seed)[0] for seed in seeds for n, (g, _, _) in RUNS.items() if g in groups]
     failed = train(names, opts) if opts["train"] else []
-    runs_dir = opts["runs_dir"]  # the tables hold every run there is, whichever groups this call trained
-    present = {n: os.path.join(runs_dir, n) for n in RUNS if os.path.exists(os.path.join(runs_dir, n, "metrics.jsonl"))}
-    table_runs = [d for n, d in present.items() if RUNS[n][0] in ("modes", "invasive")]
+    runs_dir = opts["runs_dir"]  # the tables hold every run there is, whichever groups and seeds this call trained
+    present = {n: os.path.join(runs_dir, n) for n in sorted(os.listdir(runs_dir) if os.path.isdir(runs_dir) else [])
+               if split_seed(n)[0] in RUNS and os.path.exists(os.path.join(runs_dir, n, "metrics.jsonl"))}
+    group = {n: RUNS[split_seed(n)[0]][0] for n in present}
+    table_runs = [d for n, d in present.items() if group[n] in ("modes", "invasive")]
     if table_runs:
         print("\n== Table 2, in miniature: python bench/table2.py " + " ".join(table_runs))
         table2(table_runs)
-    ablation_runs = [d for n, d in present.items() if n in ("mini_bf16", "mini_bf16_tweo") or RUNS[n][0] == "ablations"]
-    if any(RUNS[n][0] == "ablations" for n in present):
+    ablation_runs = [d for n, d in present.items() if split_seed(n)[0] in ("mini_bf16", "mini_bf16_tweo") or group[n] == "ablations"]
+    if "ablations" in group.values():
         print("\n== Supplementary Tables 2 and 3, in miniature: python bench/ablation.py " + " ".join(ablation_runs))
         ablation(ablation_runs)
-    seeds = [d for n, d in present.items() if n in ("mini_bf16", "mini_fp8") or "_seed" in n]
-    if any("_seed" in n for n in present):
-        print("\n== Probe: BF16 and naive FP8 with other seeds: python bench/table2.py " + " ".join(seeds))
-        table2(seeds)
     if "mini_fp8_amax_history1" in present and "mini_bf16" in present:
         probe = [present["mini_bf16"], present["mini_fp8_amax_history1"]]
         print("\n== Probe: naive FP8 with amax_history_len=1 (FP8 column) against BF16: python bench/table2.py " + " ".join(probe))

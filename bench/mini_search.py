@@ -161,7 +161,7 @@ def main(argv=None):
     def autocast():
         return backend.autocast(model)
 
-    val_windows = D.val_offsets(args.seed, args.eval_windows, len(val), args.block_size)
+    val_windows = D.val_offsets(args.eval_windows, len(val), args.block_size)
     enc, id_map = gpt2_tokenizer(), load_vocab_map(args.data_dir)
     probe_x, _ = D.get_batch(val, val_windows[:4], args.block_size, device)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -15,6 +15,11 @@ curves in each panel:
   fig4_act_hist.png    Figure 4: the distribution of block output values of the last
                        checkpoint, on hist_iters val batches (the val windows of train.py)
   loss_ppl.png         training loss and val PPL of every run, collapses marked
+  fp8_quant_rel_error.png, fp8_quant_flushed.png, fp8_quant_saturated.png
+                       where FP8 runs measured their casts (train.py's fp8_quant_error, every
+                       act_stats_interval): per GEMM (rows) and measured step (columns), for
+                       each role and run side by side, the relative error ||Q(x) - x|| / ||x||,
+                       the fraction of nonzero elements flushed to zero, the fraction saturated
 An existing figure is only replaced with --overwrite.
 """
 import json
@@ -27,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
+import matplotlib.colors as colors  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker as ticker  # noqa: E402
 import torch  # noqa: E402
@@ -35,7 +41,10 @@ from bench.runs import latest_by_iter, parse_args  # noqa: E402
 from configurator import fail, writable_dir  # noqa: E402
 
 USAGE = "python bench/plots.py RUN_DIR [RUN_DIR ...] [--out=DIR] [--hist_iters=N] [--overwrite]"
-FILES = ("fig5_act_stats.png", "fig2_act_max_bf16.png", "fig3_act_max_fp8.png", "fig4_act_hist.png", "loss_ppl.png")
+QUANT_ERROR = (("rel_error", "relative error ||Q(x) - x|| / ||x||"), ("flushed", "fraction of nonzero elements flushed to 0"),
+               ("saturated", "fraction of elements saturated"))
+FILES = ("fig5_act_stats.png", "fig2_act_max_bf16.png", "fig3_act_max_fp8.png", "fig4_act_hist.png", "loss_ppl.png",
+         *(f"fp8_quant_{metric}.png" for metric, _ in QUANT_ERROR))
 STATS = (("top1", "Top 1"), ("top2", "Top 2"), ("top3", "Top 3"), ("median", "Median"))
 MAGNITUDE = "|block output| (dimensionless)"
 
@@ -207,11 +216,50 @@ def fig_loss_ppl(summaries, names, rows_by_run):
     return fig
 
 
+def quant_error_records(s, rows):
+    """(iterations, {gemm: {role: stats}} per iteration) of a run's fp8_quant_error lines before any collapse."""
+    records = [r for r in latest_by_iter([r for r in rows if "fp8_quant_error" in r])
+               if s["collapse_iter"] is None or r["iter"] < s["collapse_iter"]]
+    return [r["iter"] for r in records], [r["fp8_quant_error"] for r in records]
+
+
+def fig_quant_error(summaries, names, rows_by_run, metric, text):
+    """One heatmap per (role, run), the runs of a role side by side: GEMMs down, measured steps
+    across, one logarithmic colour scale for the whole figure (white: exactly 0)."""
+    runs = [(name, *quant_error_records(s, rows_by_run[s["out_dir"]])) for s, name in zip(summaries, names)]
+    runs = [r for r in runs if r[1]]
+    gemms = list(runs[0][2][0])
+    roles = ("input", "weight", "grad_output")
+    grids = {(role, name): [[rec.get(g, {}).get(role, {}).get(metric, math.nan) for rec in recs] for g in gemms]
+             for role in roles for name, _, recs in runs}
+    positive = [v for grid in grids.values() for row in grid for v in row if v > 0]
+    norm = colors.LogNorm(min(positive), max(positive)) if positive else colors.LogNorm(1e-6, 1.0)
+    cmap = plt.get_cmap("viridis").with_extremes(bad="white")
+    n = len(roles) * len(runs)
+    fig, axes = plt.subplots(1, n, figsize=(2.2 + 2.6 * n, 2.8 + 0.17 * len(gemms)), squeeze=False, layout="constrained")
+    for i, ((role, name), grid) in enumerate(grids.items()):
+        ax, its = axes[0][i], next(its for n_, its, _ in runs if n_ == name)
+        masked = [[v if v > 0 else math.nan for v in row] for row in grid]
+        image = ax.imshow(masked, aspect="auto", norm=norm, cmap=cmap, interpolation="nearest")
+        image.set_gid("heatmap")
+        ax.set_title(f"{role}\n{name}", fontsize="medium")
+        ax.set_xticks(range(len(its)), [str(it) for it in its], rotation=90, fontsize="small")
+        ax.set_xlabel("iteration")
+        if i == 0:
+            ax.set_yticks(range(len(gemms)), [g.removeprefix("transformer.") for g in gemms], fontsize="small")
+        else:
+            ax.set_yticks([])
+    fig.colorbar(image, ax=axes[0].tolist(), label=text, fraction=0.03, pad=0.01)
+    fig.suptitle(f"FP8 casts, per GEMM and role: {text} (white: 0)")
+    return fig
+
+
 def describe(fig):
     """What figures.json records of a figure: per visible panel, its title and its curves."""
     return [{"title": ax.get_title(), "curves": sum(line.get_gid() == "curve" for line in ax.get_lines()),
              "collapse_marks": sum(line.get_gid() == "collapse" for line in ax.get_lines()),
-             "ylog": ax.get_yscale() == "log"} for ax in fig.axes if ax.get_visible()]
+             "heatmaps": sum(image.get_gid() == "heatmap" for image in ax.get_images()),
+             "ylog": ax.get_yscale() == "log"} for ax in fig.axes if ax.get_visible() and ax.get_label() != "<colorbar>"]
 
 
 def main(argv):
@@ -237,10 +285,14 @@ def main(argv):
                                         f"Activation magnitudes in {precision.upper()} training (Fig. {fig_no})")
     figures["fig4_act_hist.png"] = fig_act_hist(summaries, names, opts["hist_iters"], opts["device"])
     figures["loss_ppl.png"] = fig_loss_ppl(summaries, names, rows_by_run)
+    if any("fp8_quant_error" in r for rows in rows_by_run.values() for r in rows):
+        for metric, text in QUANT_ERROR:
+            figures[f"fp8_quant_{metric}.png"] = fig_quant_error(summaries, names, rows_by_run, metric, text)
     os.makedirs(opts["out"], exist_ok=True)
     manifest = {}
     for file, fig in figures.items():
-        fig.tight_layout()
+        if not fig.get_layout_engine():  # the heatmaps' constrained layout places their shared colorbar
+            fig.tight_layout()
         path = os.path.join(opts["out"], file)
         fig.savefig(path, dpi=110)
         manifest[file] = {"path": path, "size_px": [int(round(v * 110)) for v in fig.get_size_inches()],

@@ -19,7 +19,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SIZE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "dropout")
 SCHEDULE_KEYS = ("total_batch_tokens", "max_iters", "learning_rate", "min_lr", "warmup_iters", "lr_decay_iters",
-                 "weight_decay", "beta1", "beta2", "grad_clip", "seed")
+                 "weight_decay", "beta1", "beta2", "grad_clip")
+# config keys that say where a run was kept, how it was watched or how its work was split, not what
+# it trained: runs that differ only in these and their seed are repeats of one experiment
+BOOKKEEPING_KEYS = {"out_dir", "init_from", "seed", "wandb_log", "wandb_project", "wandb_run_name", "wandb_mode",
+                    "compile", "cpu_gemm", "zero_stage", "activation_checkpointing", "micro_batch_size", "eval_interval",
+                    "log_interval", "act_stats_interval", "ckpt_interval", "ckpt_keep", "inject_nan_iter"}
 # configs/sizes/<key>.py -> the paper's name for that model
 SIZE_NAMES = {"gpt2_124m": "GPT2", "gpt2_medium": "GPT2-medium", "gpt2_large": "GPT2-large", "gpt2_xl": "GPT2-xl",
               "gpt2_3b": "GPT2 3B", "gpt2_7b": "GPT2 7B"}
@@ -202,6 +207,54 @@ def group_key(run):
             tuple(config[k] for k in SCHEDULE_KEYS))
 
 
+def experiment_key(summary):
+    """What a run trained: its config without the bookkeeping keys and the seed."""
+    config = summary["config"]
+    return tuple(sorted((k, os.path.normpath(v) if k == "data_dir" else v)
+                        for k, v in config.items() if k not in BOOKKEEPING_KEYS))
+
+
+def check_repeats(summaries, cell):
+    """summaries must be seeds of one experiment (named `cell` in the message): ValueError for two
+    runs with the same seed, or for runs that differ in anything but the seed and bookkeeping."""
+    by_seed = {}
+    for s in summaries:
+        seed = s["config"]["seed"]
+        if seed in by_seed:
+            raise ValueError(f"{by_seed[seed]['out_dir']} and {s['out_dir']} are both the {cell} "
+                             f"with seed {seed}: pass one of them")
+        by_seed[seed] = s
+        first = summaries[0]
+        if experiment_key(s) != experiment_key(first):
+            a, b = dict(experiment_key(first)), dict(experiment_key(s))
+            key = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+            raise ValueError(f"{first['out_dir']} and {s['out_dir']} are both the {cell} but differ in {key} "
+                             f"({a.get(key)} and {b.get(key)}), not only in their seed")
+
+
+def experiments(summaries):
+    """The runs grouped into repeats of one experiment (differing only in their seed), each group
+    sorted by seed, in the order each experiment was first given."""
+    groups = {}
+    for s in summaries:
+        groups.setdefault(experiment_key(s), []).append(s)
+    return [sorted(g, key=lambda s: s["config"]["seed"]) for g in groups.values()]
+
+
+def mean_sd(values):
+    """(mean, sample standard deviation) of the values that are not None; sd is None below two values."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def fmt_mean_sd(values, spec, missing="-"):
+    """One value as fmt does; several as 'mean ± sd'."""
+    mean, sd = mean_sd(values)
+    return fmt(mean, spec, missing) + ("" if sd is None else f" ± {format(sd, spec.lstrip('+'))}")
+
+
 def model_name(summary):
     """The paper's name for the size ('GPT2-xl'), or the shape of a model the paper has not."""
     if summary["size"]:
@@ -217,6 +270,11 @@ def row_name(summary):
 def order_key(summary):
     """Size, then the baseline, its +TWEO, then each invasive variant and its +TWEO."""
     return (summary["params"], summary["group"], summary["variant"] != "", summary["variant"], summary["tweo"])
+
+
+def peak_spec(values):
+    """How activation sizes print: whole numbers from 100 up, one decimal below."""
+    return ".0f" if any(v is not None and abs(v) >= 100 for v in values) else ".1f"
 
 
 def fmt(v, spec, missing="-"):

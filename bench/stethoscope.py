@@ -87,7 +87,7 @@ def fresh_model(model, seed):
 def conditions(ev, windows=64, seed=0):
     """{condition: (model, tokens)} for (a)-(d), on `windows` val windows."""
     model, device = ev.model, next(ev.model.parameters()).device
-    offsets = D.val_offsets(ev.run["seed"], windows, len(ev.val_data), ev.block_size)
+    offsets = D.val_offsets(windows, len(ev.val_data), ev.block_size)
     real, _ = D.get_batch(ev.val_data, offsets, ev.block_size, device)
     generator = torch.Generator().manual_seed(seed)
     uniform = torch.randint(0, ev.vocab_size, real.shape, generator=generator).to(device)

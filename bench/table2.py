@@ -6,8 +6,10 @@ from train.py runs, in the paper's layout.
 
 Runs are put into rows by their run.json, never by directory name: one row per model size,
 data and schedule (bench/runs.py group_key) and method (baseline, +TWEO, an invasive variant);
-the FP8 run of a row fills "PPL (FP8)", the BF16 run "PPL (BF16)". Peak is the largest
-|block output| logged by any run of the row. A collapsed run reports its best checkpoint
+the FP8 run of a row fills "PPL (FP8)", the BF16 run "PPL (BF16)". Runs that differ only in
+their seed are repeats: their cell is the mean ± sample standard deviation, and a second table
+gives each cell's paired gaps to the BF16 baseline of the same seed. Any other difference within
+a cell stops with one line. Peak is the largest |block output| logged by any run of the row. A collapsed run reports its best checkpoint
 before the collapse, marked #, with the iteration in a footnote. --paper adds the paper's
 own numbers for the sizes it has; --json prints the rows as JSON on the last line.
 """
@@ -17,7 +19,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.runs import SCHEDULE_KEYS, SIZE_KEYS, fmt, markdown, order_key, parse_args, row_name  # noqa: E402
+from bench.runs import (SCHEDULE_KEYS, SIZE_KEYS, check_repeats, fmt, fmt_mean_sd, markdown, mean_sd, order_key,  # noqa: E402
+                        parse_args, peak_spec, row_name)
 from configurator import fail  # noqa: E402
 
 USAGE = "python bench/table2.py RUN_DIR [RUN_DIR ...] [--paper] [--json]"
@@ -44,29 +47,32 @@ PAPER_COLLAPSED_BF16 = {"gpt2_medium", "gpt2_large"}
 
 
 def build_rows(summaries):
-    """Table rows: dicts with the JSON keys, plus the runs' summaries under 'by_precision'."""
+    """Table rows: dicts with the JSON keys, plus the runs' summaries (a list per precision, one
+    run per seed) under 'by_precision'."""
     rows = {}
     for s in sorted(summaries, key=order_key):
         row = rows.setdefault((s["group"], s["row"]), {"model": row_name(s), "params": s["params_str"],
                                                        "by_precision": {}, "first": s})
-        if s["precision"] in row["by_precision"]:
-            other = row["by_precision"][s["precision"]]["out_dir"]
-            raise ValueError(f"{other} and {s['out_dir']} are both the {s['precision'].upper()} run of row "
-                             f"'{row['model']}' (same size, data, schedule and method): pass one of them")
-        row["by_precision"][s["precision"]] = s
+        row["by_precision"].setdefault(s["precision"], []).append(s)
+    for row in rows.values():
+        for precision, runs in row["by_precision"].items():
+            check_repeats(runs, f"{precision.upper()} run of row '{row['model']}' (same size, data, schedule and method)")
+            runs.sort(key=lambda s: s["config"]["seed"])
     names = {key: row["model"] + distinction(row["first"], [r["first"] for r in rows.values() if r["model"] == row["model"]])
              for key, row in rows.items()}
     out = []
     for key, row in rows.items():
         row["model"] = names[key]
-        fp8, bf16 = row["by_precision"].get("fp8"), row["by_precision"].get("bf16")
-        peaks = [s["peak"] for s in (fp8, bf16) if s and s["peak"] is not None]
-        out.append({"model": row["model"], "params": row["params"],
-                    "ppl_fp8": fp8["ppl"] if fp8 else None, "ppl_bf16": bf16["ppl"] if bf16 else None,
+        fp8, bf16 = row["by_precision"].get("fp8", []), row["by_precision"].get("bf16", [])
+        peaks = [s["peak"] for s in fp8 + bf16 if s["peak"] is not None]
+        collapses = [s["collapse_iter"] for s in fp8 if s["collapse_iter"] is not None]
+        (ppl_fp8, ppl_fp8_sd), (ppl_bf16, ppl_bf16_sd) = (mean_sd([s["ppl"] for s in runs]) for runs in (fp8, bf16))
+        out.append({"model": row["model"], "params": row["params"], "ppl_fp8": ppl_fp8, "ppl_bf16": ppl_bf16,
+                    "ppl_fp8_sd": ppl_fp8_sd, "ppl_bf16_sd": ppl_bf16_sd,
+                    "seeds_fp8": [s["config"]["seed"] for s in fp8], "seeds_bf16": [s["config"]["seed"] for s in bf16],
                     "peak": max(peaks) if peaks else None,
-                    "collapsed": bool(fp8 and fp8["collapse_iter"] is not None),
-                    "collapse_iter": fp8["collapse_iter"] if fp8 else None,
-                    "runs": [s["out_dir"] for s in (fp8, bf16) if s],
+                    "collapsed": bool(collapses), "collapse_iter": collapses[0] if collapses else None,
+                    "runs": [s["out_dir"] for s in fp8 + bf16],
                     "by_precision": row["by_precision"], "first": row["first"]})
     return out
 
@@ -87,24 +93,51 @@ def paper_numbers(row):
     return dict(zip(("ppl_fp8", "ppl_bf16", "peak"), numbers))
 
 
-def cell(summary, notes):
-    """A PPL cell: '-' without a run, '#' for a collapsed run, '†' for one that has not finished."""
-    if summary is None or summary["ppl"] is None:
+def cell(runs, notes):
+    """A PPL cell: '-' without a run, the mean ± sd of several seeds, '#' for a collapsed run,
+    '†' for one that has not finished."""
+    if not any(s["ppl"] is not None for s in runs):
         return "-"
-    text = f"{summary['ppl']:.2f}"
-    if summary["collapse_iter"] is not None:
-        notes.append(f"#: {summary['out_dir']}: training collapsed at iter {summary['collapse_iter']}; "
-                     f"we report the best checkpoint before collapsing (iter {summary['ppl_iter']}).")
-        return text + " #"
-    if not summary["finished"]:
-        notes.append(f"†: {summary['out_dir']}: stopped at iter {summary['last_iter']} of {summary['max_iters']} "
-                     f"without a collapse; its last evaluation (iter {summary['ppl_iter']}).")
-        return text + " †"
-    return text
+    text = fmt_mean_sd([s["ppl"] for s in runs], ".2f")
+    marks = ""
+    for summary in runs:
+        if summary["collapse_iter"] is not None:
+            notes.append(f"#: {summary['out_dir']}: training collapsed at iter {summary['collapse_iter']}; "
+                         f"we report the best checkpoint before collapsing (iter {summary['ppl_iter']}).")
+            marks += "" if "#" in marks else " #"
+        elif not summary["finished"]:
+            notes.append(f"†: {summary['out_dir']}: stopped at iter {summary['last_iter']} of {summary['max_iters']} "
+                         f"without a collapse; its last evaluation (iter {summary['ppl_iter']}).")
+            marks += "" if "†" in marks else " †"
+    return text + marks
+
+
+def paired_gaps(rows):
+    """Per seed, each cell's PPL against the BF16 baseline of its size, data and schedule with the
+    same seed (only seeds both have), in percent: into each row as gap_pct_fp8 / gap_pct_bf16,
+    [[seed, gap], ...]; returns the lines of the gaps table."""
+    baselines = {r["first"]["group"]: r for r in rows if not r["first"]["variant"] and not r["first"]["tweo"]}
+    lines = []
+    for row in rows:
+        base = baselines.get(row["first"]["group"])
+        if base is None:
+            continue
+        base_ppl = {s["config"]["seed"]: s["ppl"] for s in base["by_precision"].get("bf16", []) if s["ppl"] is not None}
+        for precision in ("fp8", "bf16"):
+            runs = [s for s in row["by_precision"].get(precision, []) if s["ppl"] is not None]
+            gaps = [[s["config"]["seed"], 100 * (s["ppl"] / base_ppl[s["config"]["seed"]] - 1)]
+                    for s in runs if s["config"]["seed"] in base_ppl]
+            if not gaps or (row is base and precision == "bf16"):
+                continue
+            row[f"gap_pct_{precision}"] = gaps
+            lines.append([row["model"], precision.upper(), len(gaps), fmt_mean_sd([g for _, g in gaps], "+.1f") + "%",
+                          ", ".join(f"{g:+.1f}% ({seed})" for seed, g in gaps),
+                          fmt_mean_sd([s["peak"] for s in runs], peak_spec([s["peak"] for s in runs]))])
+    return lines
 
 
 def format_peak(v):
-    return fmt(v, ".0f" if v is not None and abs(v) >= 100 else ".1f")
+    return fmt(v, peak_spec([v]))
 
 
 def main(argv):
@@ -118,8 +151,8 @@ def main(argv):
         header += ["paper PPL (FP8)", "paper PPL (BF16)", "paper Peak"]
     lines, notes = [], []
     for row in rows:
-        line = [row["model"], row["params"], cell(row["by_precision"].get("fp8"), notes),
-                cell(row["by_precision"].get("bf16"), notes), format_peak(row["peak"])]
+        line = [row["model"], row["params"], cell(row["by_precision"].get("fp8", []), notes),
+                cell(row["by_precision"].get("bf16", []), notes), format_peak(row["peak"])]
         if opts["paper"]:
             p = paper_numbers(row)
             row["paper"] = p
@@ -135,7 +168,15 @@ def main(argv):
     if opts["paper"]:
         notes.append("paper: Table 2 of the TWEO paper (GPT-2 on OpenWebText, 100k steps) for the sizes it has; "
                      "its # marks a collapsed run too.")
+    seeds = sorted({seed for r in rows for seed in r["seeds_fp8"] + r["seeds_bf16"]})
+    if any(len(r["seeds_fp8"]) > 1 or len(r["seeds_bf16"]) > 1 for r in rows):
+        notes.append(f"A cell of several runs (seeds {', '.join(map(str, seeds))}): mean ± sample standard deviation "
+                     f"over its seeds.")
     print("\n" + "\n".join(notes))
+    gap_lines = paired_gaps(rows)
+    if len(seeds) > 1 and gap_lines:
+        print("\nPaired gaps: each run's PPL against the BF16 baseline's run with the same seed (PPL / PPL_BF16 - 1)\n")
+        print(markdown(["Model", "Precision", "Seeds", "Gap (mean ± sd)", "Per seed", "Peak (mean ± sd)"], gap_lines))
     result = [{k: v for k, v in r.items() if k not in ("by_precision", "first")} for r in rows]
     if opts["json"]:
         print(json.dumps(result))

@@ -48,7 +48,7 @@ def test_outlier_statistics_match_a_direct_computation(runs, tmp_path):
     cfg = json.load(open(run / "run.json"))["config"]
     model, _ = load_trained(str(run), "last")
     val = D.open_split(cfg["data_dir"], "val", cfg["block_size"])
-    offsets = D.val_offsets(cfg["seed"], cfg["micro_batch_size"], len(val), cfg["block_size"])
+    offsets = D.val_offsets(cfg["micro_batch_size"], len(val), cfg["block_size"])
     x, _ = D.get_batch(val, offsets, cfg["block_size"], torch.device("cpu"))
     outs = {}
     hooks = [m.register_forward_hook(lambda mod, i, o, k=k: outs.__setitem__(k, o.detach().double().numpy()))
@@ -86,7 +86,7 @@ def test_a_transform_is_evaluated_and_the_original_is_untouched(runs, mode):
     backend = make_backend(cfg["precision"], "emulated")
     model, _ = load_trained(runs[mode], "last", backend=backend)
     val = D.open_split(cfg["data_dir"], "val", cfg["block_size"])
-    offsets = D.val_offsets(cfg["seed"], 16, len(val), cfg["block_size"])
+    offsets = D.val_offsets(16, len(val), cfg["block_size"])
     before = state_of(model)  # weights and, in FP8, the scaling state (amax histories, scales)
 
     def zero_head(m):  # the tied LM head (and with it wte) at zero: every logit is exactly 0
@@ -135,7 +135,7 @@ torch.manual_seed(0)
 backend = make_backend("bf16")
 model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=50304), backend).eval()
 val = D.open_split(data_dir, "val", 64)
-offsets = D.val_offsets(1337, n_windows, len(val), 64)
+offsets = D.val_offsets(n_windows, len(val), 64)
 autocast, cpu = lambda: backend.autocast(model), torch.device("cpu")
 loss = D.evaluate(model, val, offsets, 64, micro, cpu, autocast, rank, world, dist.all_reduce)
 each = [D.evaluate(model, val, offsets[i:i + 1], 64, 1, cpu, autocast) for i in range(n_windows)] if world == 1 else None
@@ -196,7 +196,7 @@ def test_a_hugging_face_gpt2_is_evaluated_on_a_data_dir(hf_gpt2, demo_data):
     result = run_eval(f"--hf={hf_dir}", f"--data_dir={demo_data}", "--eval_iters=2")
     # the windows: train.py's defaults (seed 1337, 2 x 8 windows) of the model's 64 positions
     val = D.open_split(demo_data, "val", 64)
-    x, y = D.get_batch(val, D.val_offsets(1337, 16, len(val), 64), 64, torch.device("cpu"))
+    x, y = D.get_batch(val, D.val_offsets(16, len(val), 64), 64, torch.device("cpu"))
     with torch.no_grad():
         want = torch.nn.functional.cross_entropy(hf(x).logits.transpose(1, 2), y)
     assert result["windows"] == 16 and result["out_dir"] == hf_dir

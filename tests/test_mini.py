@@ -34,3 +34,24 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr
         assert not os.path.exists(tmp_path / "runs")
+
+
+def test_each_seed_is_a_run_of_its_own_and_the_tables_give_mean_sd_and_paired_gaps(tmp_path):
+    from bench.mini import DEFAULTS, command, split_seed
+    from conftest import eval_row, train_row, write_run
+    opts = dict(DEFAULTS, runs_dir=str(tmp_path / "runs"))
+    plain, other = command("mini_bf16", opts), command("mini_bf16_seed2", opts)
+    assert not any(a.startswith("--seed=") for a in plain) and f"--out_dir={tmp_path}/runs/mini_bf16" in plain
+    assert "--seed=2" in other and f"--out_dir={tmp_path}/runs/mini_bf16_seed2" in other
+    assert "--clipped_softmax_gamma=-0.025" in command("mini_fp8_clipped_softmax_seed3", opts)
+    assert split_seed("mini_bf16_tweo_tau1_seed3") == ("mini_bf16_tweo_tau1", 3) and split_seed("other_seed2") == ("other_seed2", 1337)
+    for name, seed, precision, ppl in (("mini_bf16", 1337, "bf16", 30.0), ("mini_bf16_seed2", 2, "bf16", 32.0),
+                                       ("mini_fp8", 1337, "fp8", 33.0), ("mini_fp8_seed2", 2, "fp8", 32.0)):
+        write_run(tmp_path / "runs" / name, [eval_row(20, ppl), train_row(20, 1.0)], seed=seed, precision=precision)
+    r = mini("--train=False", "--figures=False", f"--runs_dir={tmp_path}/runs")
+    assert r.returncode == 0, r.stderr
+    assert "| GPT 2L×64 | 3.32M | 32.50 ± 0.71 | 31.00 ± 1.41 | 1.0 |" in r.stdout
+    assert "| GPT 2L×64 | FP8 | 2 | +5.0 ± 7.1% | +0.0% (2), +10.0% (1337) | 1.0 ± 0.0 |" in r.stdout
+    for bad in ("1337,x", "2,2", ""):
+        r = mini(f"--seeds={bad}", f"--runs_dir={tmp_path}/runs")
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--seeds" in r.stderr, r.stderr

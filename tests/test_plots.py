@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bench.eval import load
-from bench.plots import fig_act_hist, fig_act_max, fig_act_stats, fig_loss_ppl, labels, main as plots
+from bench.plots import fig_act_hist, fig_act_max, fig_act_stats, fig_loss_ppl, fig_quant_error, labels, main as plots
 from bench.runs import read_run, summarize
 from conftest import REPO, metrics, refused
 
@@ -32,7 +32,13 @@ def test_figures_of_three_modes_and_a_collapsed_run(runs, collapsed_run, tmp_pat
         "fig2_act_max_bf16.png": [1],         # the BF16 run
         "fig3_act_max_fp8.png": [3],          # FP8, FP8+TWEO, the collapsed FP8 run
         "fig4_act_hist.png": [1, 1, 1, 1],    # one histogram per run
-        "loss_ppl.png": [4, 4]}               # loss and val PPL of every run
+        "loss_ppl.png": [4, 4],               # loss and val PPL of every run
+        # heatmaps, not curves: input, weight and grad_output of the two FP8 runs that measured their casts
+        **{f"fp8_quant_{m}.png": [0] * 6 for m in ("rel_error", "flushed", "saturated")}}
+    for m in ("rel_error", "flushed", "saturated"):
+        assert [(p["title"], p["heatmaps"]) for p in manifest[f"fp8_quant_{m}.png"]["panels"]] == \
+            [(f"{role}\n{name}", 1) for role in ("input", "weight", "grad_output")
+             for name in labels([summarize(d) for d in dirs])[1:3]]
     assert marks["fig3_act_max_fp8.png"] == [1] and marks["loss_ppl.png"] == [1, 1] and marks["fig2_act_max_bf16.png"] == [0]
     assert all(p["ylog"] for name in ("fig5_act_stats.png", "fig2_act_max_bf16.png", "fig3_act_max_fp8.png", "fig4_act_hist.png")
                for p in manifest[name]["panels"] if p["curves"])
@@ -149,4 +155,20 @@ def test_the_figures_plot_the_values_of_metrics_jsonl(runs, collapsed_run, tmp_p
     assert got.sum() == values.size and np.isnan(y).sum() == (counts == 0).sum()
     assert np.abs(got - counts).sum() <= 2e-4 * values.size  # a value on a bin edge may fall either side
     assert np.abs(got - np.histogram(values, bins=201, range=(-limit / 2, limit / 2))[0]).sum() > 0.1 * values.size
+    plt.close(fig)
+
+
+def test_quant_error_heatmaps_hold_the_logged_values_gemm_by_step(runs):
+    dirs = [runs["bf16"], runs["fp8"], runs["fp8_tweo"]]  # the BF16 run has no FP8 cast: no panel
+    summaries = [summarize(d) for d in dirs]
+    fig = fig_quant_error(summaries, labels(summaries), {d: read_run(d)[1] for d in dirs}, "rel_error", "relative error")
+    panels = [ax for ax in fig.axes if ax.get_images()]
+    assert len(panels) == 6
+    for ax, (role, d) in zip(panels, [(role, d) for role in ("input", "weight", "grad_output") for d in dirs[1:]]):
+        records = [r for r in metrics(d) if "fp8_quant_error" in r]
+        gemms = list(records[0]["fp8_quant_error"])
+        expected = [[r["fp8_quant_error"][g][role]["rel_error"] for r in records] for g in gemms]
+        assert np.allclose(np.asarray(ax.get_images()[0].get_array()), expected)
+        assert [t.get_text() for t in ax.get_xticklabels()] == [str(r["iter"]) for r in records] == ["12", "24"]
+    assert [t.get_text() for t in panels[0].get_yticklabels()][-1] == "lm_head" and len(panels[0].get_yticks()) == 9
     plt.close(fig)

@@ -11,10 +11,10 @@ import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from model import GPT, GPTConfig
-from precision import (E4M3, E5M2, ROLE_DTYPES, TE_ROLE_SLOTS, EmulatedGemm, EmulatedGemmInFP32, FP8LayerNormLinear,
+from precision import (E4M3, E5M2, ROLE_DTYPES, ROLES, TE_ROLE_SLOTS, EmulatedGemm, EmulatedGemmInFP32, FP8LayerNormLinear,
                        FP8Linear, FP8ScalingState, LayerNormLinear, Linear, MicroBatches, SaturationCounter, ScaledMMGemm,
                        ScaledMMGemmInFP32, TransformerEngineBackend, _te_layer, amax_of, cast_function, cast_to_fp8,
-                       choose_cpu_gemm, choose_fp8_backend, dequantize, fp8_layers, fp8_shape_error, fp8_telemetry,
+                       choose_cpu_gemm, choose_fp8_backend, dequantize, fp8_layers, fp8_quant_error, fp8_shape_error, fp8_telemetry,
                        keep_fp8_state_fp32, load_te_fp8_state, make_backend, matmul, quantize, scaled_mm_error,
                        te_available, te_fp8_state, update_fp8_scales)
 
@@ -494,6 +494,59 @@ def test_telemetry_reports_the_micro_batch_just_run():
         amax = fp8_telemetry(layer)["fp8_amax"][""]
         assert amax["input"] == pytest.approx(x.abs().max().item())
         assert amax["weight"] == pytest.approx(layer.weight.abs().max().item())
+
+
+def lost_in_cast(x, scale, dtype):
+    """The oracle of fp8_quant_error for one tensor, from torch's own float8 conversion:
+    (||Q(x) - x||^2, ||x||^2, nonzero elements flushed to 0, nonzero elements, saturated, elements)."""
+    x = x.detach().float()
+    limit = torch.finfo(dtype).max
+    q = (x * scale).clamp(-limit, limit).to(dtype).float()
+    return [((q / scale - x) ** 2).sum().item(), (x ** 2).sum().item(), ((x != 0) & (q == 0)).sum().item(),
+            (x != 0).sum().item(), ((x * scale).abs() > limit).sum().item(), x.numel()]
+
+
+@pytest.mark.parametrize("gemm", [EmulatedGemm, ScaledMMGemmInFP32])
+def test_quant_error_of_a_measured_step_is_what_each_cast_loses(gemm):
+    torch.manual_seed(0)
+    micro_batches = MicroBatches()
+    layer = FP8Linear(64, 32, bias=False, recipe="delayed", history_len=4, compute_algo="max", gemm=gemm,
+                      micro_batches=micro_batches)
+    # an input with an outlier: the scale that fits it flushes the small values to zero
+    x = torch.randn(16, 64)
+    x = x.sign() * (0.5 + x.abs())  # nothing near zero but what is put there
+    x[0, 0], x[1, :8] = 300.0, 1e-4
+    for step, measured in enumerate((False, False, True)):
+        micro_batches.enter(None, measured)
+        update_fp8_scales(layer)
+        scales = layer.fp8_scale.clone()
+        y = layer(x * (1 + step))  # each step a new amax: the input saturates
+        y.retain_grad()
+        (y ** 2).sum().backward()
+        if not measured:
+            assert layer.fp8_quant_error is None and fp8_quant_error(layer) == {}  # nothing measured, nothing kept
+    got = fp8_quant_error(layer)["fp8_quant_error"][""]
+    assert layer.fp8_quant_error is None and fp8_quant_error(layer) == {}  # read once, then cleared
+    for role, (tensor, dtype) in zip(("input", "weight", "grad_output"), ((x * 3, E4M3), (layer.weight, E4M3),
+                                                                        (y.grad, E5M2))):
+        error_sq, x_sq, flushed, nonzero, saturated, elements = lost_in_cast(tensor, scales[ROLES.index(role)], dtype)
+        assert got[role]["rel_error"] == pytest.approx(math.sqrt(error_sq / x_sq), rel=1e-5)
+        assert got[role]["flushed"] == pytest.approx(flushed / nonzero) and got[role]["saturated"] == saturated / elements
+    assert got["input"]["saturated"] == 1 / (16 * 64)  # the outlier, 900 against a scale that fits 600
+    assert got["input"]["flushed"] == pytest.approx(8 / (16 * 64))  # the 1e-4s, below E4M3's grid at that scale
+    assert got["weight"]["saturated"] == 0 and got["weight"]["rel_error"] < 0.05
+
+
+def test_evaluation_forwards_are_never_measured():
+    micro_batches = MicroBatches()
+    layer = FP8Linear(64, 32, recipe="delayed", history_len=4, compute_algo="max", micro_batches=micro_batches)
+    with torch.no_grad():  # train.py's evaluations and act_stats forwards
+        micro_batches.enter(None, True)
+        layer(torch.randn(8, 64))
+    micro_batches.enter(None, True)
+    layer.eval()
+    layer(torch.randn(8, 64))
+    assert layer.fp8_quant_error is None and fp8_quant_error(layer) == {}
 
 
 # ---- fp8_backend='torch': real FP8 GEMMs through torch._scaled_mm ----

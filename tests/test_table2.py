@@ -93,3 +93,39 @@ def test_a_run_killed_while_writing_its_metrics_gives_the_table_of_its_complete_
     cut = capsys.readouterr()
     assert cut.out == whole.out and whole.err == ""
     assert cut.err == f"note: {killed}/metrics.jsonl: the last line is cut short (a run killed while writing it); read without it\n"
+
+
+def test_seeds_of_a_cell_give_mean_and_sd_and_paired_gaps_to_the_baseline_of_the_same_seed(tmp_path, capsys):
+    def run(name, ppl, peak, **config):
+        return write_run(tmp_path / name, [eval_row(20, ppl), train_row(20, 1.0, act_peak=peak)], **config)
+    dirs = [run("b1", 20.0, 800.0), run("b2", 21.0, 900.0, seed=2), run("b3", 22.0, 1000.0, seed=3),
+            run("f1", 22.0, 700.0, precision="fp8"), run("f2", 25.2, 750.0, precision="fp8", seed=2),
+            run("t1", 20.0, 10.0, precision="fp8", tweo_lambda=0.01),
+            run("t3", 22.0, 12.0, precision="fp8", tweo_lambda=0.01, seed=3)]
+    base, tweo = table2(dirs + ["--json"])
+    out = capsys.readouterr().out
+    assert json.loads(out.strip().splitlines()[-1]) == [base, tweo]
+    assert base["seeds_bf16"] == [2, 3, 1337] and base["seeds_fp8"] == [2, 1337]
+    assert (base["ppl_bf16"], base["ppl_bf16_sd"]) == (pytest.approx(21.0), pytest.approx(1.0))
+    assert (base["ppl_fp8"], base["ppl_fp8_sd"]) == (pytest.approx(23.6), pytest.approx(1.6 * 2 ** 0.5))
+    assert base["peak"] == 1000.0 and "gap_pct_bf16" not in base
+    # paired by seed: fp8 seed 2 against bf16 seed 2 (+20%), seed 1337 against 1337 (+10%)
+    assert base["gap_pct_fp8"] == [[2, pytest.approx(20.0)], [1337, pytest.approx(10.0)]]
+    assert tweo["gap_pct_fp8"] == [[3, pytest.approx(0.0)], [1337, pytest.approx(0.0)]]
+    assert "| GPT 2L×64 | 3.32M | 23.60 ± 2.26 | 21.00 ± 1.00 | 1000 |" in out
+    assert "| GPT 2L×64 +TWEO | 3.32M | 21.00 ± 1.41 | - | 12.0 |" in out
+    assert "| GPT 2L×64 | FP8 | 2 | +15.0 ± 7.1% | +20.0% (2), +10.0% (1337) | 725 ± 35 |" in out
+    assert "| GPT 2L×64 +TWEO | FP8 | 2 | +0.0 ± 0.0% | +0.0% (3), +0.0% (1337) | 11.0 ± 1.4 |" in out
+
+
+def test_runs_of_one_cell_must_differ_only_in_their_seed(tmp_path):
+    a = write_run(tmp_path / "a", [eval_row(20, 20.0)], precision="fp8")
+    b = write_run(tmp_path / "b", [eval_row(20, 20.0)], precision="fp8", seed=2, fp8_amax_history_len=1)
+    c = write_run(tmp_path / "c", [eval_row(20, 20.0)], precision="fp8", seed=3, fp8_amax_history_len=16,
+                  wandb_run_name="elsewhere", compile=False, micro_batch_size=4)  # bookkeeping only: a repeat
+    r = subprocess.run([sys.executable, "bench/table2.py", a, b], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stdout == "" and len(r.stderr.splitlines()) == 1
+    assert "differ in fp8_amax_history_len (None and 1), not only in their seed" in r.stderr
+    r = subprocess.run([sys.executable, "bench/table2.py", c, write_run(tmp_path / "d", [eval_row(20, 20.0)],
+                        precision="fp8", fp8_amax_history_len=16)], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

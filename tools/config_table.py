@@ -23,7 +23,7 @@ END = "<!-- end of config keys -->"
 MEANINGS = {
     "out_dir": "where the run writes metrics.jsonl, run.json, ckpt/ and model_*.pt",
     "data_dir": "token files written by prepare_openwebtext.py (train.bin, val.bin, meta.json)",
-    "seed": "model initialisation, training windows and val windows",
+    "seed": "model initialisation and training windows (the val windows are the same for every seed)",
     "n_layer": "transformer blocks",
     "n_head": "attention heads (n_embd must be a multiple)",
     "n_embd": "model width d_model",
