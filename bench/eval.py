@@ -57,11 +57,12 @@ def evaluate(model, val_data, offsets, block_size, micro_batch_size, backend, tr
 
 
 # --hf=DIR: a Hugging Face GPT-2 has no run.json, so the val windows come from these
-# (200 windows of the model's n_positions tokens, fewer than train.py's 3200)
-HF_RUN = dict(micro_batch_size=8, eval_windows=200, precision="bf16", fp8_backend="emulated",
+# (200 windows of the model's n_positions tokens, fewer than train.py's 3200; the seed picks
+# bench/ptq.py's calibration windows among the training windows, as a run's own seed does)
+HF_RUN = dict(seed=1337, micro_batch_size=8, eval_windows=200, precision="bf16", fp8_backend="emulated",
               fp8_recipe="delayed", fp8_amax_history_len=16, fp8_amax_compute_algo="max")
 RUN_KEYS = ("precision", "fp8_backend", "fp8_recipe", "fp8_amax_history_len", "fp8_amax_compute_algo",
-            "micro_batch_size", "data_dir")
+            "micro_batch_size", "data_dir", "seed")
 LOAD_DEFAULTS = dict(out_dir="out", hf="", ckpt="last", precision="", eval_iters=0, data_dir="", block_size=0,
                      device="cuda" if torch.cuda.is_available() else "cpu")
 LOAD_RULES = [  # (key, test(value), what the value must be), the first broken rule stops

@@ -13,8 +13,10 @@ quantized copy of it. Weights: per-tensor (T) or per output channel (C). Activat
 per-tensor (T), with a static scale calibrated once on --calib_windows training windows and
 then frozen, or per-token (K), dynamic. The PPL is bench/eval.py's, on the same val windows,
 in BF16 (so the BF16 column equals `bench/eval.py --precision=bf16`). Several --out_dir /
---hf make several rows. --smoothquant_alpha > 0 adds Table 4: W(C)A(T) / W(C)A(K) with
-SmoothQuant and with AbsMax, each with and without the residual stream quantized.
+--hf make several rows; runs that differ only in their seed share one (mean ± sample sd), and a
+last table gives each setting's change against each model's own BF16 PPL, paired by seed.
+--smoothquant_alpha > 0 adds Table 4: W(C)A(T) / W(C)A(K) with SmoothQuant and with AbsMax,
+each with and without the residual stream quantized.
 --json prints one JSON object per model (keys: the settings, values: val PPL) at the end.
 """
 import copy
@@ -30,6 +32,7 @@ import torch.nn as nn  # noqa: E402
 
 import data as D  # noqa: E402
 from bench.eval import LOAD_DEFAULTS, evaluate, load  # noqa: E402
+from bench.runs import experiment_key, fmt_mean_sd  # noqa: E402
 from configurator import configure_or_exit, fail  # noqa: E402
 from precision import LayerNormLinear  # noqa: E402
 
@@ -198,27 +201,62 @@ def ptq_table(ev, bits=8, calib_windows=32, residual=False, smoothquant_alpha=0.
     return table
 
 
+def seed_groups(rows):
+    """[(label, [table per seed])]: the rows of runs that differ only in their seed (bench/runs.py
+    experiment_key) together, in the order given; a --hf model is a group of its own."""
+    groups = {}
+    for name, table, config in rows:
+        key = ("hf", name) if config is None else experiment_key({"config": config})
+        groups.setdefault(key, []).append((name, table))
+    return [(members[0][0] + (f" (+{len(members) - 1} seeds)" if len(members) > 1 else ""), [t for _, t in members])
+            for members in groups.values()]
+
+
 def print_tables(rows, bits, residual, alpha):
+    """Tables 3 and 4 (a cell of several seeds: mean ± sd), then every setting's change against
+    each model's own BF16 PPL, paired by seed."""
     w, a = f"W{bits}", f"A{bits}"
     cols = list(settings(bits))
-    fmt = lambda v: f"{v:>11.2f}" if v < 1e6 else f"{v:>11.3g}"  # noqa: E731
+    groups = seed_groups(rows)
+    width = 17 if any(len(tables) > 1 for _, tables in groups) else 11
+
+    def cell(tables, key, spec=".2f", suffix=""):
+        values = [t[key] for t in tables]
+        text = fmt_mean_sd(values, spec) + suffix if all(math.isfinite(v) and v < 1e6 for v in values) else \
+            fmt_mean_sd(values, ".3g")
+        return f"{text:>{width}}"
     print(f"\nTable 3: val PPL under {bits}-bit AbsMax PTQ (residual stream {'quantized' if residual else 'in BF16'})")
-    print(f"{'model':<32} {'BF16 PPL':>11} | {'Act. only ' + a:^23} | {'Weight only ' + w:^23} | {'Full ' + w + a:^47}")
-    print(f"{'':<32} {'':>11} | {'per-tensor':>11} {'per-token':>11} | {'per-tensor':>11} {'per-channel':>11} | "
-          + " ".join(f"{c:>11}" for c in cols[5:]))
-    for name, t in rows:
-        print(f"{name[-32:]:<32} {fmt(t['BF16'])} | {fmt(t[cols[1]])} {fmt(t[cols[2]])} | {fmt(t[cols[3]])} "
-              f"{fmt(t[cols[4]])} | " + " ".join(fmt(t[c]) for c in cols[5:]))
+    print(f"{'model':<40} {'BF16 PPL':>{width}} | {'Act. only ' + a:^{2 * width + 1}} | {'Weight only ' + w:^{2 * width + 1}} | "
+          f"{'Full ' + w + a:^{4 * width + 3}}")
+    print(f"{'':<40} {'':>{width}} | {'per-tensor':>{width}} {'per-token':>{width}} | {'per-tensor':>{width}} "
+          f"{'per-channel':>{width}} | " + " ".join(f"{c:>{width}}" for c in cols[5:]))
+    for name, tables in groups:
+        print(f"{name[-40:]:<40} {cell(tables, 'BF16')} | {cell(tables, cols[1])} {cell(tables, cols[2])} | "
+              f"{cell(tables, cols[3])} {cell(tables, cols[4])} | " + " ".join(cell(tables, c) for c in cols[5:]))
+    extra = []
     if alpha > 0:
         ct, ck = f"{w}(C){a}(T)", f"{w}(C){a}(K)"
         print(f"\nTable 4: {ct} / {ck}, SmoothQuant (alpha {alpha}) and AbsMax, residual stream quantized or not")
-        print(f"{'model':<32} {'BF16 PPL':>11}  {'method':<12} {'Res.?':<5} {ct + ' / ' + ck:>25}")
-        for name, t in rows:
+        print(f"{'model':<40} {'BF16 PPL':>{width}}  {'method':<12} {'Res.?':<5} {ct:>{width}} {ck:>{width}}")
+        for name, tables in groups:
             for method in ("AbsMax", "SmoothQuant"):
                 for res in (False, True):
                     key = f" {method}{'+Res' if res else ''}"
-                    print(f"{name[-32:]:<32} {fmt(t['BF16'])}  {method:<12} {'Yes' if res else 'No':<5} "
-                          f"{fmt(t[ct + key]):>12} /{fmt(t[ck + key])}")
+                    extra += [ct + key, ck + key]
+                    print(f"{name[-40:]:<40} {cell(tables, 'BF16')}  {method:<12} {'Yes' if res else 'No':<5} "
+                          f"{cell(tables, ct + key)} {cell(tables, ck + key)}")
+    print(f"\nThe change each setting makes to the model's own BF16 PPL (PPL / PPL_BF16 - 1, paired by seed; "
+          f"residual stream {'quantized' if residual else 'in BF16'} unless +Res)")
+    keys = cols[1:] + list(dict.fromkeys(extra))
+    for name, tables in groups:
+        changes = [{k: 100 * (t[k] / t["BF16"] - 1) for k in keys} for t in tables]
+        print(f"{name[-40:]:<40} " + ", ".join(f"{k.strip()} {fmt_mean_sd([c[k] for c in changes], '+.1f')}%"
+                                                for k in keys))
+
+
+def run_config(out_dir):
+    with open(os.path.join(out_dir, "run.json")) as f:
+        return json.load(f)["config"]
 
 
 def main(argv):
@@ -243,10 +281,11 @@ def main(argv):
         print(f"{ev.name}: {len(ev.offsets)} val windows of {ev.block_size} tokens, "
               f"{cfg['calib_windows']} calibration windows", flush=True)
         rows.append((ev.name, ptq_table(ev, cfg["bits"], cfg["calib_windows"], cfg["residual"],
-                                        cfg["smoothquant_alpha"], log=lambda s: print(s, flush=True))))
+                                        cfg["smoothquant_alpha"], log=lambda s: print(s, flush=True)),
+                     None if key == "hf" else run_config(value)))
     print_tables(rows, cfg["bits"], cfg["residual"], cfg["smoothquant_alpha"])
     if cfg["json"]:
-        for _, t in rows:
+        for _, t, _ in rows:
             print(json.dumps({k: (v if math.isfinite(v) else None) for k, v in t.items()}))
     return rows
 

@@ -3,6 +3,7 @@ on a planted outlier, SmoothQuant's folding, what each column of the table is (t
 its static scales come from, the model it evaluates), and the command line."""
 import copy
 import json
+import shutil
 import subprocess
 import sys
 
@@ -449,12 +450,32 @@ def test_the_command_line_hands_its_settings_to_ptq_table_and_prints_what_it_ret
     assert json.loads(out.strip().splitlines()[-1]) == t
     lines = out.splitlines()
     table3 = lines[lines.index(next(x for x in lines if x.startswith("Table 3"))) + 3]
-    assert "residual stream quantized" in out and table3.startswith(runs["bf16"][-32:])
-    assert [float(v) for v in table3[32:].replace("|", " ").split()] == [t[c] for c in settings(6)]
+    assert "residual stream quantized" in out and table3.startswith(runs["bf16"][-40:])
+    assert [float(v) for v in table3[40:].replace("|", " ").split()] == [t[c] for c in settings(6)]
     table4 = lines[lines.index(next(x for x in lines if x.startswith("Table 4"))) + 1:]
-    table4 = [x for x in table4 if x.startswith(runs["bf16"][-32:])]
+    table4 = [x for x in table4 if x.startswith(runs["bf16"][-40:])][:4]
     assert "alpha 0.25" in out and len(table4) == 4
     for line, (method, res) in zip(table4, [(m, r) for m in ("AbsMax", "SmoothQuant") for r in ("", "+Res")]):
-        bf16, name, yes, pt, slash, pk = line[32:].replace("/", " / ").split()
+        bf16, name, yes, pt, pk = line[40:].split()
         assert (name, yes, float(bf16)) == (method, "Yes" if res else "No", t["BF16"])
         assert [float(pt), float(pk)] == [t[f"W6(C)A6(T) {method}{res}"], t[f"W6(C)A6(K) {method}{res}"]]
+    change = lines[-2]  # the last table's one row, before the JSON line
+    assert change.startswith(runs["bf16"][-40:]) and f"A6(T) {100 * (t['A6(T)'] / t['BF16'] - 1):+.1f}%" in change
+
+
+def test_seeds_of_one_run_share_a_row_with_mean_sd_and_paired_changes(runs, tmp_path, monkeypatch, capsys):
+    seed2 = tmp_path / "seed2"
+    shutil.copytree(runs["bf16"], seed2, ignore=shutil.ignore_patterns("ckpt", "wandb"))
+    run = json.loads((seed2 / "run.json").read_text())
+    run["config"]["seed"] = 2
+    (seed2 / "run.json").write_text(json.dumps(run))
+
+    def stand_in(ev, bits, calib_windows, residual, smoothquant_alpha, log=None):
+        base = 10.0 if ev.run["seed"] == 2 else 20.0  # the A8(T) of seed 2 is 10% above its BF16, seed 1337's 30%
+        return {name: base * (1.0 + (0.1 if ev.run["seed"] == 2 else 0.3) * (name != "BF16")) for name in settings(8)}
+    monkeypatch.setattr(ptq, "ptq_table", stand_in)
+    ptq.main([f"--out_dir={runs['bf16']}", f"--out_dir={seed2}", "--eval_iters=1"])
+    out = capsys.readouterr().out
+    (row,) = [x for x in out.splitlines() if "(+1 seeds)" in x and "|" in x]
+    assert "15.00 ± 7.07" in row.split("|")[0]  # BF16 10 and 20
+    assert "A8(T) +20.0 ± 14.1%" in out.splitlines()[-1]
