@@ -727,7 +727,8 @@ def test_mini_configs_load_and_train(stdlib_data, tmp_path, mode):
     assert ("fp8_amax" in train_rows[-1]) == mode.startswith("fp8")
     assert [row["iter"] for row in rows if "val_loss" in row] == [3]
     model_file = torch.load(os.path.join(out_dir, "model_last.pt"), weights_only=True)
-    assert model_file["model_args"]["vocab_size"] == 18784 and model_file["config"]["learning_rate"] == 0.006
+    assert model_file["model_args"]["vocab_size"] == 18784 and model_file["config"]["learning_rate"] == 0.003 \
+        and model_file["config"]["weight_decay"] == 0.1
     if mode == "bf16":  # sample.py decodes the compact vocabulary through the data's vocab_map.npy
         r = subprocess.run([sys.executable, "sample.py", f"--out_dir={out_dir}", "--start=def main(", "--num_samples=1",
                             "--max_new_tokens=8", "--print_json=True"], cwd=REPO, capture_output=True, text=True, timeout=300)
