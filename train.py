@@ -19,10 +19,8 @@ import math
 import os
 import random
 import resource
-import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 import warnings
@@ -201,15 +199,24 @@ GPU_PEAK_TFLOPS = (("H100 PCIe", 756, 1513), ("H100 NVL", 835, 1671), ("H100", 9
                    ("H800", 989, 1979), ("H200 NVL", 835, 1671), ("H200", 989, 1979), ("H20", 148, 296),
                    ("A100", 312, None), ("A800", 312, None), ("L40S", 362, 733), ("B200", 2250, 4500))
 
-# ---- the data and out_dir, still before any write ---------------------------------
+# ---- torch and DeepSpeed, loaded only now: a bad value above stops at once ----------
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import data as D  # noqa: E402
-from model import GPTConfig  # noqa: E402
-from precision import fp8_quant_error, fp8_shape_error, make_backend  # noqa: E402
-
 use_cuda = torch.cuda.is_available()
+if not use_cuda:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed on CPU, with gloo
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")  # DeepSpeed's deprecated collectives
+import deepspeed  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import data as D  # noqa: E402
+from checkpoint import Checkpoints, convert_to_universal, model_change, resume_point, write_atomic  # noqa: E402
+from model import GPT, GPTConfig, record_activations, summarize_moments  # noqa: E402
+from precision import fp8_quant_error, fp8_shape_error, keep_fp8_state_fp32, make_backend  # noqa: E402
+from runlog import RunLog  # noqa: E402
+
+# ---- the data and out_dir, still before any write ---------------------------------
 ckpt_dir = os.path.join(out_dir, "ckpt")
 hf_state = None
 if init_from not in ("scratch", "resume"):  # a Hugging Face GPT-2 directory: its architecture and weights
@@ -245,40 +252,18 @@ if init_from != "resume" and (os.path.exists(run_json) or os.path.exists(ckpt_di
     die(f"{out_dir} already holds a run; continue it with --init_from=resume, or choose another out_dir")
 resume_tag, convert_from = None, None  # the checkpoint to resume from; its world size when it differs from ours
 if init_from == "resume":
-    try:
-        with open(run_json) as f:
-            previous = {**vars(GPTConfig()), **json.load(f)["model_args"]}  # an option newer than the run: its default
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        die(f"{run_json} is missing or unreadable ({type(e).__name__}): cannot check that the checkpoint fits this model")
-    changed = {k: (previous.get(k), v) for k, v in model_args.items()
-               if previous.get(k) != v and k != "activation_checkpointing"}
-    if changed:
-        die(f"{out_dir} holds a run of another model ({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in changed.items())})")
-    if os.path.exists(os.path.join(ckpt_dir, "latest")):  # else stopped before its first checkpoint: start over
-        with open(os.path.join(ckpt_dir, "latest")) as f:
-            resume_tag = f.read().strip()
-        # DeepSpeed writes one optimizer shard per data-parallel rank
-        saved_world = len([f for f in os.listdir(os.path.join(ckpt_dir, resume_tag)) if f.endswith("optim_states.pt")]) \
-            if os.path.isdir(os.path.join(ckpt_dir, resume_tag)) else 0
-        if saved_world == 0:
-            die(f"{ckpt_dir}/latest names {resume_tag!r}, which holds no DeepSpeed checkpoint")
-        if saved_world != world_size:
-            convert_from = saved_world
+    problem = model_change(out_dir, model_args)
+    resume_tag, saved_world = resume_point(ckpt_dir)  # (None, None) if stopped before its first checkpoint
+    if problem or saved_world == 0:
+        die(problem or f"{ckpt_dir}/latest names {resume_tag!r}, which holds no DeepSpeed checkpoint")
+    convert_from = saved_world if saved_world not in (None, world_size) else None
 
 # ---- distributed setup -------------------------------------------------------
-if not use_cuda:
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed on CPU, with gloo
 if "MASTER_ADDR" not in os.environ:  # plain `python train.py`: a world of one
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-
-warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")  # DeepSpeed's deprecated collectives
-import deepspeed  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from model import GPT, record_activations, summarize_moments  # noqa: E402
 
 deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
 device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
@@ -297,37 +282,13 @@ def all_reduce(t, op=dist.ReduceOp.SUM):
 
 # Preemption (SIGTERM) and Ctrl-C (SIGINT) only raise a flag; the ranks agree on it once per
 # iteration, finish that iteration, save a checkpoint and exit 0. A second signal changes nothing.
-stop_request = None
-
-
-def request_stop(signum, frame):
-    global stop_request
-    stop_request = stop_request or signal.Signals(signum).name
-
-
+stop_requests = []  # the signals' names
 for sig in (signal.SIGTERM, signal.SIGINT):
-    signal.signal(sig, request_stop)
-
-if convert_from:
-    # saved on another number of ranks: DeepSpeed's universal checkpoint reshards it. Made
-    # once, by rank 0, and kept inside the tag (so it goes when the tag is rotated out)
-    universal = os.path.join(ckpt_dir, resume_tag, "universal")
-    convert = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-               f"--input_folder={os.path.join(ckpt_dir, resume_tag)}", f"--output_folder={universal}"]
-    failed = torch.zeros(1, device=device)
-    if master and not os.path.isdir(universal):
-        print(f"{ckpt_dir}/{resume_tag} was saved on {convert_from} rank(s) and this run has {world_size}: "
-              f"converting it to a universal checkpoint: {' '.join(convert[1:])}", flush=True)
-        shutil.rmtree(universal + ".tmp", ignore_errors=True)
-        r = subprocess.run(convert[:-1] + [f"--output_folder={universal}.tmp"], capture_output=True, text=True)
-        if r.returncode == 0:
-            os.replace(universal + ".tmp", universal)
-        else:
-            failed[0] = 1
-            print((r.stdout + r.stderr)[-3000:], file=sys.stderr)
-    if all_reduce(failed, dist.ReduceOp.MAX).item():
-        die(f"converting {ckpt_dir}/{resume_tag} to a universal checkpoint failed (above); "
-            f"after fixing the cause run `{' '.join(convert)}` and resume again", status=1)
+    signal.signal(sig, lambda signum, frame: stop_requests.append(signal.Signals(signum).name))
+if convert_from:  # saved on another number of ranks: DeepSpeed's universal checkpoint reshards it
+    problem = convert_to_universal(ckpt_dir, resume_tag, convert_from, world_size, master, device, all_reduce)
+    if problem:
+        die(problem, status=1)
 
 backend = make_backend(precision, fp8_backend, fp8_recipe, fp8_amax_history_len, fp8_amax_compute_algo, device.type,
                        cpu_gemm, compile)
@@ -376,8 +337,6 @@ def param_groups(model):
 optimizer = torch.optim.AdamW(param_groups(model), lr=learning_rate, betas=(beta1, beta2), fused=True)
 engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
 raw_model = engine.module
-from precision import keep_fp8_state_fp32, load_te_fp8_state, te_fp8_state  # noqa: E402
-
 keep_fp8_state_fp32(raw_model)  # DeepSpeed casts float buffers to bf16; scales and amaxes stay fp32
 
 
@@ -400,183 +359,9 @@ def get_tweo_lambda(it):
     return 0.5 * (1.0 + math.cos(math.pi * min(it, lr_decay_iters) / lr_decay_iters)) * tweo_lambda
 
 
-# ---- checkpoints ---------------------------------------------------------------
-write_errors = []  # this rank's failed checkpoint writes since the save began
-
-
-def try_write(write, *args):
-    """A checkpoint write whose failure (a full disk, a lost mount) is recorded for
-    save_checkpoint to act on, not raised: DeepSpeed's save runs collectives after its
-    writes, which every rank must still reach when the disk fails on some of them."""
-    try:
-        write(*args)
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
-        write_errors.append(f"{args[-1]}: {e.strerror if isinstance(e, OSError) else str(e).splitlines()[0]}")
-
-
-def write_atomic(path, text):
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
-def torch_save_atomic(obj, path):
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def read_pointer(name):
-    with open(os.path.join(ckpt_dir, name)) as f:
-        return f.read().strip()
-
-
-def pointed_tags():
-    return {read_pointer(p) for p in ("latest", "best") if os.path.exists(os.path.join(ckpt_dir, p))}
-
-
-def consolidated_state():
-    """bf16 weights gathered on rank 0 (collective), with the FP8 state: the emulated and
-    torch backends' scales and amax histories are buffers and come with the weights;
-    Transformer Engine's are saved as plain tensors (fp8_te_state), never as its pickled _extra_state."""
-    sd = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else raw_model.state_dict()
-    if not master:
-        return None
-    sd = {k: v for k, v in sd.items() if not k.endswith("_extra_state")}
-    return {"model": sd, "fp8_te_state": te_fp8_state(raw_model), "model_args": model_args, "config": config}
-
-
-def save_checkpoint(tag, pointer, state):
-    """DeepSpeed checkpoint under ckpt/tag; then, once every rank has written everything,
-    the pointer file `latest` or `best` is moved to it atomically and the consolidated
-    model file replaced, so a crash mid-save leaves both at the previous complete
-    checkpoint. A failed write on any rank stops the run with one line, after removing
-    the partial tag: pointers and model files stay as they were."""
-    write_errors.clear()
-    path = os.path.join(ckpt_dir, tag)
-    if master and os.path.isdir(path):  # (DeepSpeed's save begins with a barrier: the other ranks wait for this)
-        if tag in pointed_tags():  # a best saved after the checkpoint this run resumed from: kept until replaced
-            shutil.rmtree(path + ".old", ignore_errors=True)
-            os.replace(path, path + ".old")
-            for p in ("latest", "best"):
-                if os.path.exists(os.path.join(ckpt_dir, p)) and read_pointer(p) == tag:
-                    write_atomic(os.path.join(ckpt_dir, p), tag + ".old")
-        else:
-            shutil.rmtree(path)  # left by an interrupted save
-    try_write(lambda path: engine.save_checkpoint(ckpt_dir, tag=tag, client_state=state, save_latest=False), path)
-    try_write(torch.save, {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if use_cuda else None,
-                           "numpy": np.random.get_state(), "python": random.getstate()},
-              os.path.join(path, f"rng_rank{rank}.pt"))
-    model_file = consolidated_state()
-    stop_if_a_write_failed(tag, pointer)
-    if master:  # commit: the pointer, then the model file
-        old = read_pointer(pointer) if os.path.exists(os.path.join(ckpt_dir, pointer)) else None
-        try_write(write_atomic, os.path.join(ckpt_dir, pointer), tag)
-        model_file.update(iter=state["iter"], val_loss=state.get("val_loss"))
-        try_write(torch_save_atomic, model_file, os.path.join(out_dir, f"model_{'best' if pointer == 'best' else 'last'}.pt"))
-    stop_if_a_write_failed(tag, pointer)
-    if master:
-        # rotation: a superseded best goes; iteration checkpoints beyond the newest ckpt_keep
-        # go unless a pointer names them (ckpt_keep=0 keeps them all)
-        keep = pointed_tags()
-        iters = sorted(t for t in os.listdir(ckpt_dir) if t.startswith("iter_") and os.path.isdir(os.path.join(ckpt_dir, t)))
-        stale = ([old] if old and old.startswith("best_") else []) + (iters[:-ckpt_keep] if ckpt_keep > 0 else [])
-        for t in stale:
-            if t not in keep:
-                shutil.rmtree(os.path.join(ckpt_dir, t), ignore_errors=True)
-    dist.barrier()
-
-
-def stop_if_a_write_failed(tag, pointer):
-    """Collective: if any rank's write failed, remove what the save left (the tag, unless a
-    pointer already names it, and temporary files) and stop every rank; the first rank
-    that failed says why, in one line."""
-    first_failed = int(all_reduce(torch.tensor([rank if write_errors else world_size], device=device), dist.ReduceOp.MIN).item())
-    if first_failed == world_size:
-        return
-    free_mib = shutil.disk_usage(out_dir).free / 2**20
-    if master:
-        if tag not in pointed_tags():
-            shutil.rmtree(os.path.join(ckpt_dir, tag), ignore_errors=True)
-        for f in (os.path.join(ckpt_dir, pointer), os.path.join(out_dir, f"model_{'best' if pointer == 'best' else 'last'}.pt")):
-            if os.path.exists(f + ".tmp"):
-                os.remove(f + ".tmp")
-    dist.barrier()
-    if rank == first_failed:
-        print(f"error: saving checkpoint {tag} failed ({write_errors[0]}; {free_mib:.0f} MiB free): the run stops; "
-              f"{ckpt_dir}/latest and best still name complete checkpoints", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os._exit(1)
-
-
-_deepspeed_save = engine.checkpoint_engine.save
-engine.checkpoint_engine.save = lambda state_dict, path: try_write(_deepspeed_save, state_dict, path)
-
-
-# ---- logging -------------------------------------------------------------------
-metrics_path = os.path.join(out_dir, "metrics.jsonl")
-wandb_run = None
-
-
-def drop_cut_short_line(path):
-    """A run killed while writing metrics.jsonl leaves its last line cut short, and appending
-    after it would fuse that fragment with the next line into one unreadable line. The
-    fragment goes (the resume redoes its iteration, and logs it again)."""
-    with open(path, "rb+") as f:
-        size = f.seek(0, os.SEEK_END)
-        start = max(0, size - (1 << 20))  # a line is far shorter than 1 MiB
-        f.seek(start)
-        tail = f.read()
-        if not tail or tail.endswith(b"\n") or (b"\n" not in tail and start > 0):
-            return
-        keep = start + tail.rfind(b"\n") + 1
-        f.truncate(keep)
-    print(f"note: {path} ended in a line cut short (the run was killed while writing it): "
-          f"dropped its {size - keep} bytes")
-
-
-if master and init_from == "resume" and os.path.exists(metrics_path):
-    drop_cut_short_line(metrics_path)
-
-
-def json_safe(v):
-    """metrics.jsonl is strict JSON: a non-finite float is written as the string "nan",
-    "inf" or "-inf", which float() reads back."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    if isinstance(v, dict):
-        return {k: json_safe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [json_safe(x) for x in v]
-    return v
-
-
-def log_metrics(row):
-    global wandb_run, stop_request
-    if not master:
-        return
-    try:
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
-    except OSError as e:  # a full disk: stop like on a signal, with a checkpoint if one still fits
-        stop_request = stop_request or f"a failed write to {metrics_path} ({e.strerror})"
-    if wandb_run is not None:
-        try:
-            flat = {k: v for k, v in row.items() if not isinstance(v, (dict, list))}
-            flat.update({f"act_max/layer{i}": v for i, v in enumerate(row.get("act_max_per_layer", []))})
-            flat.update({f"fp8_quant_error/{gemm}/{role}/{k}": v for gemm, roles in row.get("fp8_quant_error", {}).items()
-                         for role, stats in roles.items() for k, v in stats.items()})
-            wandb_run.log(flat)  # plotted against `iter` (define_metric after wandb.init), never step=iter
-        except Exception as e:  # wandb never stops training
-            print(f"warning: wandb.log failed ({type(e).__name__}: {e}); wandb logging off", flush=True)
-            wandb_run = None
-
-
-def wandb_summary(**kw):
-    if wandb_run is not None:
-        try:
-            wandb_run.summary.update(kw)
-        except Exception:
-            pass
+ckpts = Checkpoints(engine, out_dir, ckpt_keep, dict(model_args=model_args, config=config), rank, world_size,
+                    device, all_reduce)
+log = RunLog(out_dir, master, resuming=init_from == "resume")
 
 
 def peak_memory_gb():
@@ -604,55 +389,18 @@ def fp8_state_sum():
 
 iter_num, best_val_loss, best_train_loss, act_peak, wandb_id = 0, float("inf"), float("inf"), 0.0, None
 if resume_tag:
-    if convert_from:
-        built_groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
-        _, client = engine.load_checkpoint(os.path.join(ckpt_dir, resume_tag), tag="universal")
-        # Two faults of DeepSpeed's ZeRO-3 universal load (deepspeed/runtime/zero/stage3.py,
-        # load_hp_checkpoint_state_from_checkpoint_dir_stage3), undone here:
-        # 1. it hands one `step` tensor to every param group's state, and AdamW increments each
-        #    group's step in place: the count went up by 2 per iteration (10 -> 22 in 6 steps, and
-        #    saved so), with the bias corrections of those later steps. Each group gets its own copy;
-        # 2. it gives every param group the first group's hyperparameters (["param_groups"][0]): the
-        #    no-decay group (biases, LayerNorm) decayed. Each takes back the settings this run built
-        #    it with (the run's own config; lr is set every iteration).
-        # Measured (configs/tiny.py in bf16, saved on 2 ranks at iter 10, resumed on 1 to 16): its
-        # losses were 1.9e-3 off the uninterrupted run, now 5.8e-5, as a 1-rank run from scratch (4e-5).
-        for state in engine.optimizer.optimizer.state.values():
-            if torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].clone()
-        for group, built in zip(engine.optimizer.param_groups, built_groups):
-            group.update(built)
-        # a universal checkpoint restores parameters and optimizer state; the module's buffers
-        # (the emulated and torch backends' FP8 scaling state) come from the model states themselves
-        model_states = sorted(f for f in os.listdir(os.path.join(ckpt_dir, resume_tag)) if f.endswith("model_states.pt"))
-        saved = torch.load(os.path.join(ckpt_dir, resume_tag, model_states[0]), map_location=device, weights_only=False)["module"]
-        persistent = raw_model.state_dict().keys()  # saturation flags are per micro-batch, never saved
-        for n, b in raw_model.named_buffers():
-            if n in persistent:
-                b.copy_(saved[n])
-    else:
-        _, client = engine.load_checkpoint(ckpt_dir, tag=resume_tag)  # copies into the fp32 FP8 buffers as they are
-    if backend.name == "te":  # TE's scaling state, saved as plain tensors in the client state
-        load_te_fp8_state(raw_model, client.get("fp8_te_state", {}), backend.recipe)
+    client = ckpts.resume(resume_tag, convert_from, backend)
     iter_num, best_val_loss, best_train_loss = client["iter"], client["best_val_loss"], client["best_train_loss"]
     act_peak, wandb_id = client["act_peak"], client.get("wandb_id")
-    # every rank starts from the same seed, so a rank the checkpoint did not have takes rank 0's state
-    rng_file = os.path.join(ckpt_dir, resume_tag, f"rng_rank{rank}.pt")
-    rng = torch.load(rng_file if os.path.exists(rng_file) else os.path.join(ckpt_dir, resume_tag, "rng_rank0.pt"), weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    if use_cuda and rng["cuda"] is not None:
-        torch.cuda.set_rng_state(rng["cuda"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
     if master:
         print(f"resuming from {ckpt_dir}/{resume_tag} at iter {iter_num}"
               + (f" (saved on {convert_from} ranks, loaded through its universal checkpoint)" if convert_from else ""))
-    log_metrics({"iter": iter_num, "event": "resume", "tag": resume_tag, "saved_world_size": convert_from or world_size,
+    log({"iter": iter_num, "event": "resume", "tag": resume_tag, "saved_world_size": convert_from or world_size,
                  "world_size": world_size, "fp8_state_sum": fp8_state_sum(), "gemm_path": cpu_gemm_path})
 elif init_from == "resume":
     if master:
         print(f"{out_dir} was stopped before its first checkpoint: starting again from iter 0")
-    log_metrics({"iter": 0, "event": "resume", "tag": None, "world_size": world_size, "gemm_path": cpu_gemm_path})
+    log({"iter": 0, "event": "resume", "tag": None, "world_size": world_size, "gemm_path": cpu_gemm_path})
 elif master:
     os.makedirs(out_dir, exist_ok=True)
     write_atomic(run_json, json.dumps({"config": config, "model_args": model_args, "world_size": world_size,
@@ -663,20 +411,8 @@ if master:
     print(f"{n_params / 1e6:.2f}M parameters | {precision} ({backend.name}) | TWEO lambda {tweo_lambda} "
           f"(tau {tweo_tau}, p {tweo_p}) | ZeRO-{zero_stage} | {world_size} rank(s) x {micro_batch_size} seq x "
           f"{grad_accum} micro-steps = {total_batch_tokens:,} tokens/step | device {device}")
-    if wandb_log:
-        try:
-            import wandb
-            wandb_run = wandb.init(project=wandb_project, name=wandb_run_name, config=config, mode=wandb_mode,
-                                   id=wandb_id, resume="allow" if wandb_id else None, dir=out_dir)
-            wandb_id = wandb_run.id
-            # Every metric is plotted against `iter`, and wandb's own step just counts log calls:
-            # a resumed run redoes the iterations after its checkpoint, and wandb drops a row
-            # logged at a step at or below the last one it has, so step=iter would lose them
-            wandb_run.define_metric("iter")
-            wandb_run.define_metric("*", step_metric="iter")
-        except Exception as e:
-            print(f"warning: wandb.init failed ({type(e).__name__}: {e}); logging to metrics.jsonl only", flush=True)
-            wandb_run = None
+if wandb_log:
+    wandb_id = log.start_wandb(wandb_project, wandb_run_name, config, wandb_mode, wandb_id)
 
 val_windows = D.val_offsets(eval_windows, len(val_data), block_size)
 flops_per_token = raw_model.flops_per_token()
@@ -704,7 +440,7 @@ def act_stats():
 
 def client_state(**extra):
     return dict(iter=iter_num, best_val_loss=best_val_loss, best_train_loss=best_train_loss, act_peak=act_peak,
-                wandb_id=wandb_id, model_args=model_args, config=config, fp8_te_state=te_fp8_state(raw_model), **extra)
+                wandb_id=wandb_id, **extra)
 
 
 # ---- the training loop ---------------------------------------------------------------
@@ -735,7 +471,7 @@ while iter_num < max_iters:
             # the one host sync per iteration: the global loss decides on a collapse before
             # the last backward (poisoning that backward makes DeepSpeed skip the update), and
             # the ranks agree on a stop, since a signal reaches them at different times
-            sums[2] = stop_request is not None
+            sums[2] = bool(stop_requests or log.write_failed)  # a full disk stops like a signal
             loss_sum, tweo_sum, stop_votes = all_reduce(sums.clone()).tolist()
             train_loss, tweo_value = loss_sum / (grad_accum * world_size), tweo_sum / (grad_accum * world_size)
             collapsed = not math.isfinite(train_loss) or train_loss > collapse_factor * best_train_loss
@@ -751,9 +487,9 @@ while iter_num < max_iters:
         if master:
             print(f"collapse at iter {iter_num}: loss {train_loss:.4f} ({reason}); the update was skipped"
                   + ("; stopping (stop_on_collapse)" if stop_on_collapse else "; continuing"))
-        log_metrics({"iter": iter_num, "event": "collapse", "loss": train_loss,
+        log({"iter": iter_num, "event": "collapse", "loss": train_loss,
                      "reason": reason, "skipped_steps": engine.skipped_steps})
-        wandb_summary(collapsed=True, collapse_iter=iter_num)
+        log.summary(collapsed=True, collapse_iter=iter_num)
         if stop_on_collapse:
             break
     else:  # a collapsed iteration has no training log line; its evaluation, checkpoint and stop still come
@@ -776,7 +512,7 @@ while iter_num < max_iters:
         if peak:
             row["mfu"] = flops_per_token * row["tokens_per_sec"] / (peak * world_size)
         row.update(fp8)
-        log_metrics(row)
+        log(row)
         if master:
             eta = (max_iters - iter_num) * (now - t_start) / max(1, iter_num - start_iter)
             sat = fp8.get("fp8_saturated_tensors")
@@ -789,35 +525,32 @@ while iter_num < max_iters:
 
     if act_stats_interval > 0 and iter_num % act_stats_interval == 0:
         quant_error = fp8_quant_error(raw_model)  # collective; before act_stats' forward
-        log_metrics({"iter": iter_num, "act_stats": act_stats(), **quant_error})
+        log({"iter": iter_num, "act_stats": act_stats(), **quant_error})
 
     if iter_num % eval_interval == 0 or iter_num == max_iters:
         val_loss = run_eval()
-        log_metrics({"iter": iter_num, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700))})
+        log({"iter": iter_num, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700))})
         if master:
             print(f"iter {iter_num}: val loss {val_loss:.4f}, val ppl {math.exp(min(val_loss, 700)):.2f}")
         if val_loss < best_val_loss:
             best_val_loss = val_loss
-            save_checkpoint(f"best_iter_{iter_num:07d}", "best", client_state(val_loss=val_loss))
-            wandb_summary(best_val_loss=val_loss, best_val_ppl=math.exp(val_loss), best_iter=iter_num)
+            ckpts.save(f"best_iter_{iter_num:07d}", "best", client_state(val_loss=val_loss))
+            log.summary(best_val_loss=val_loss, best_val_ppl=math.exp(val_loss), best_iter=iter_num)
 
     if iter_num % ckpt_interval == 0 or iter_num == max_iters or stop_votes:
-        save_checkpoint(f"iter_{iter_num:07d}", "latest", client_state())
+        ckpts.save(f"iter_{iter_num:07d}", "latest", client_state())
     if stop_votes:
+        stop_request = stop_requests[0] if stop_requests else log.write_failed
         if master:
             print(f"stopped at iter {iter_num} on {stop_request or 'a signal to another rank'}; "
                   f"checkpoint {ckpt_dir}/iter_{iter_num:07d}; continue with --init_from=resume", flush=True)
-        log_metrics({"iter": iter_num, "event": "stop", "signal": stop_request})
+        log({"iter": iter_num, "event": "stop", "signal": stop_request})
         break
 
+log.summary(act_peak=act_peak, final_iter=iter_num)
+log.finish()
 if master:
-    wandb_summary(act_peak=act_peak, final_iter=iter_num)
     print(f"done at iter {iter_num}: best val loss {best_val_loss:.4f}, activation peak {act_peak:.2f}")
-    if wandb_run is not None:
-        try:
-            wandb_run.finish()
-        except Exception:
-            pass
 dist.barrier()
 dist.destroy_process_group()
 if run_lock is not None:
