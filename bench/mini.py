@@ -9,7 +9,7 @@ from its last checkpoint. Results and their commands: results/mini.md.
 
     python prepare_openwebtext.py --stdlib --compact_vocab
     python bench/mini.py [--only=modes,invasive,ablations,probes] [--seeds=1337,2,3] [--parallel=2] [--train=False]
-                         [--figures=True] [--runs_dir=out] [--data_dir=data/stdlib] [--max_iters=600]
+                         [--figures=True] [--runs_dir=out] [--data_dir=data/stdlib] [--max_iters=600] [--eval_windows=480]
 
 --only picks the groups to train (default: the first three, the paper's tables; `probes` adds
 a 1-step amax history); the tables hold every run already in runs_dir. --seeds trains each run
@@ -18,7 +18,9 @@ several seeds as mean ± sd, and Table 2 the paired per-seed gaps to BF16.
 --parallel=N trains N runs at once, each with its share of the cores and its output in
 <runs_dir>/mini_logs/<run>.log (small models use two single-threaded runs better than one
 two-threaded one). --train=False only prints the tables of the runs that exist. --max_iters
-shortens or lengthens every run (and its learning-rate schedule).
+shortens or lengthens every run (and its learning-rate schedule); --eval_windows sets how many val
+windows of 256 tokens each evaluation reads (480, the mini config's: fewer only for a quick check,
+since the PPL of fewer windows varies more).
 """
 import os
 import subprocess
@@ -55,7 +57,7 @@ RUNS = {
 GROUPS = ("modes", "invasive", "ablations", "probes")
 DEFAULTS = {"only": "modes,invasive,ablations", "parallel": 1, "train": True, "figures": True, "runs_dir": "out",
             "data_dir": os.path.join("data", "stdlib"), "max_iters": 600,  # 600: configs/sizes/mini.py
-            "seeds": "1337"}
+            "seeds": "1337", "eval_windows": 480}  # 480: configs/sizes/mini.py
 FIRST_SEED = 1337  # train.py's default: its runs keep the plain name (out/mini_bf16), others get _seed<N>
 
 
@@ -89,7 +91,8 @@ def command(name, opts):
         return None
     return [sys.executable, "train.py", f"configs/{config}.py", f"--out_dir={repo_path(out_dir)}",
             f"--data_dir={repo_path(opts['data_dir'])}", f"--max_iters={opts['max_iters']}",
-            f"--lr_decay_iters={opts['max_iters']}", f"--wandb_run_name={name}", *flags, *resume]
+            f"--lr_decay_iters={opts['max_iters']}", f"--eval_windows={opts['eval_windows']}", f"--wandb_run_name={name}",
+            *flags, *resume]
 
 
 def train(names, opts):
@@ -130,7 +133,7 @@ def main(argv):
     unknown = [g for g in groups if g not in GROUPS]
     if unknown or not groups:
         fail(f"--only takes a comma-separated subset of {','.join(GROUPS)}, not '{opts['only']}'")
-    for key in ("parallel", "max_iters"):
+    for key in ("parallel", "max_iters", "eval_windows"):
         if opts[key] < 1:
             fail(f"--{key} must be at least 1, not {opts[key]}")
     seeds = [int(v) for v in opts["seeds"].split(",") if v.strip().isdigit()]
