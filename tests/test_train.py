@@ -278,7 +278,7 @@ def comm(pid):
 
 def test_injected_nan_is_a_recorded_collapse_and_best_stays_intact(demo_data, tmp_path):
     out_dir = f"{tmp_path}/nan"
-    r = train(1, f"--data_dir={demo_data}", f"--out_dir={out_dir}", *MODES["fp8"], *RUN, *EAGER, "--inject_nan_iter=10")
+    r = train(1, f"--data_dir={demo_data}", f"--out_dir={out_dir}", *MODES["fp8"], *RUN, "--inject_nan_iter=10")
     assert "collapse at iter 11" in r.stdout
     rows = metrics(out_dir)
     events = [row for row in rows if row.get("event") == "collapse"]
@@ -841,7 +841,7 @@ def test_current_scaling_cosine_tweo_and_a_finite_spike_collapse(demo_data, tmp_
     """fp8_recipe='current', tweo_schedule='cosine' and a collapse on a finite loss spike
     (collapse_factor=1.01: the first loss 1% above the best so far) in one real run."""
     out_dir = tmp_path / "edge"
-    r = train(1, f"--data_dir={demo_data}", f"--out_dir={out_dir}", *MODES["fp8_tweo"], *RUN, *EAGER, "--fp8_recipe=current",
+    r = train(1, f"--data_dir={demo_data}", f"--out_dir={out_dir}", *MODES["fp8_tweo"], *RUN, "--fp8_recipe=current",
               "--tweo_schedule=cosine", "--collapse_factor=1.01")
     rows = metrics(out_dir)
     trained = [row for row in rows if "loss" in row and "event" not in row]
