@@ -1,15 +1,23 @@
-"""bench/mini_search.py: a few real steps on the demo corpus, its log lines and its table."""
+"""results/mini_search/mini_search.py (the finished setting search, kept to reproduce
+results/mini_search.md): a few real steps on the demo corpus, its log lines and its table."""
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 
-from bench.mini_search import main as mini_search
 from conftest import REPO, refused
+
+SCRIPT = os.path.join("results", "mini_search", "mini_search.py")
+spec = importlib.util.spec_from_file_location("mini_search", os.path.join(REPO, SCRIPT))
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+mini_search = module.main
 
 
 def test_a_short_fp8_run_logs_evals_saturation_and_a_summary(demo_data, tmp_path):
     out = tmp_path / "r_fp8.jsonl"
-    cmd = [sys.executable, "bench/mini_search.py", "--mode=fp8", f"--data_dir={demo_data}", f"--out={out}", "--n_layer=2",
+    cmd = [sys.executable, SCRIPT, "--mode=fp8", f"--data_dir={demo_data}", f"--out={out}", "--n_layer=2",
            "--n_embd=32", "--block_size=32", "--vocab_size=50304", "--iters=6", "--warmup=2", "--eval_interval=3",
            "--eval_windows=8"]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -23,7 +31,7 @@ def test_a_short_fp8_run_logs_evals_saturation_and_a_summary(demo_data, tmp_path
     assert abs(evals[-1]["act_peak"] - max(max(row["act_max_per_layer"]) for row in evals)) <= 0.05  # rounding
     assert 0 <= evals[-1]["peak_at"]["layer"] < 2 and evals[-1]["peak_at"]["value"] > 0
     assert lines[-1]["summary"] and lines[-1]["iters_done"] == 6 and lines[-1]["collapse_iter"] is None
-    table = subprocess.run([sys.executable, "bench/mini_search.py", "--table", str(out)], cwd=REPO, capture_output=True,
+    table = subprocess.run([sys.executable, SCRIPT, "--table", str(out)], cwd=REPO, capture_output=True,
                            text=True, check=True).stdout.splitlines()
     assert len(table) == 3 and table[2].startswith("| r | fp8 | 2x32x2 | 32x4 |") and "6/6 |" in table[2]
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)

@@ -1,6 +1,6 @@
 # A miniature GPT for 2 CPU cores: 8 layers, d_model 128, 2 heads of 64, on the standard library
 # corpus with its compact vocabulary (python prepare_openwebtext.py --stdlib --compact_vocab).
-# The shape is bench/mini_search.py's (results/mini_search.md); the schedule the one of the settings
+# The shape is results/mini_search/mini_search.py's (results/mini_search.md); the schedule the one of the settings
 # tried in results/mini.md whose BF16 val PPL varies least over seeds: lr 3e-3, weight decay 0.1.
 data_dir = 'data/stdlib'
 vocab_size = 18784  # the corpus's 18,779 distinct GPT-2 ids (data/stdlib/meta.json), padded to a multiple of 16

@@ -1,8 +1,8 @@
 """
-The search for a CPU-sized Table 2 (issue 15): train model.py's GPT with precision.py's
+The search for a CPU-sized Table 2 (issue 15), finished (results/mini_search.md; kept to reproduce it): train model.py's GPT with precision.py's
 backends in one process, without DeepSpeed, and log what decides whether naive FP8 fails.
 
-    nice -n 19 python bench/mini_search.py --mode=fp8 --data_dir=data/stdlib --n_layer=8 --n_embd=128 \\
+    nice -n 19 python results/mini_search/mini_search.py --mode=fp8 --data_dir=data/stdlib --n_layer=8 --n_embd=128 \\
         --n_head=2 --block_size=256 --batch=4 --lr=6e-3 --iters=2000 --out=results/mini_search/NAME_fp8.jsonl
 
 The loop is train.py's without the engine: AdamW (0.9, 0.95), weight decay on matrices
@@ -26,7 +26,7 @@ import time
 import numpy as np
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # results/mini_search/ -> the repository
 sys.path.insert(0, REPO)
 
 import data as D  # noqa: E402
