@@ -4,6 +4,7 @@ and Table 4 / supplementary Table 6 (SmoothQuant, and the residual stream quanti
 
     python bench/ptq.py --out_dir=out/gpt2_124m_bf16 --out_dir=out/gpt2_124m_fp8_tweo [--ckpt=best] [--bits=8]
                         [--calib_windows=32] [--residual] [--smoothquant_alpha=0.5] [--json]
+    python bench/ptq.py --out_dir=RUN --bits=4 --per_site
     python bench/ptq.py --hf=DIR --data_dir=data/openwebtext [--block_size=N] ...
 
 Every GEMM (QKV, attention out, fc, fc proj, LM head) sees its weight and its input through
@@ -18,6 +19,9 @@ last table gives each setting's change against each model's own BF16 PPL, paired
 --smoothquant_alpha > 0 adds Table 4: W(C)A(T) / W(C)A(K) with SmoothQuant and with AbsMax,
 each with and without the residual stream quantized.
 --json prints one JSON object per model (keys: the settings, values: val PPL) at the end.
+--per_site asks why per-tensor activation scales fail: for every activation site (each GEMM's input,
+and the residual stream) its calibrated max|X|, how far that stands above its median channel, and the
+val PPL with that site alone quantized per tensor at --bits (static scale), in place of Table 3.
 """
 import copy
 import json
@@ -113,17 +117,18 @@ def calibrate(model, ev, offsets):
 
 
 @torch.no_grad()
-def quantized(model, bits, weights=None, acts=None, residual=False, amax=None):
+def quantized(model, bits, weights=None, acts=None, residual=False, amax=None, sites=None):
     """A copy of model with weights fake-quantized per 'tensor' or 'channel' and GEMM inputs
-    (and with residual the residual stream) per 'tensor' (static, from amax) or 'token'."""
+    (and with residual the residual stream) per 'tensor' (static, from amax) or 'token'; with
+    sites, only the activations of those sites (on_activations' names)."""
     model = copy.deepcopy(model)
     if weights:
         for _, m in gemms(model):
             # a new Parameter: the tied LM head gets its own quantized copy, wte stays as trained
             m.weight = nn.Parameter(fake_quant(m.weight, bits, weights), requires_grad=False)
     if acts:
-        on_activations(model, lambda name, x: fake_quant(x, bits, acts, amax[name].max() if acts == "tensor" else None),
-                       residual)
+        on_activations(model, lambda name, x: x if sites is not None and name not in sites else
+                       fake_quant(x, bits, acts, amax[name].max() if acts == "tensor" else None), residual)
     return model
 
 
@@ -201,6 +206,27 @@ def ptq_table(ev, bits=8, calib_windows=32, residual=False, smoothquant_alpha=0.
     return table
 
 
+def site_table(ev, bits=4, calib_windows=32, log=None):
+    """(BF16 val PPL, {site: row}): for every activation site, its calibrated max|X| (`amax`), the
+    median over its channels of their max|X| (`median_channel`), and the val PPL with that site
+    alone quantized per tensor with its static scale (`ppl`, and `change` against BF16)."""
+    model = ev.model
+    amax = calibrate(model, ev, D.train_offsets(ev.run["seed"], 0, calib_windows, len(ev.train_data), ev.block_size))
+
+    def ppl(transform=None, label="BF16"):
+        return evaluate(model, ev.val_data, ev.offsets, ev.block_size, ev.micro_batch_size, ev.backend,
+                        transform=transform, stats=False, progress=label)["val_ppl"]
+    bf16, rows = ppl(), {}
+    for site, channels in amax.items():
+        p = ppl(lambda m, site=site: quantized(m, bits, None, "tensor", True, amax, {site}), site)
+        rows[site] = dict(amax=channels.max().item(), median_channel=channels.median().item(), ppl=p, change=p / bf16 - 1)
+        if log:
+            r = rows[site]
+            log(f"{site:<32} {r['amax']:>9.2f} {r['median_channel']:>9.3f} {r['amax'] / max(r['median_channel'], 1e-12):>8.1f} "
+                f"{p:>9.3f} {100 * r['change']:>+8.1f}%")
+    return bf16, rows
+
+
 def seed_groups(rows):
     """[(label, [table per seed])]: the rows of runs that differ only in their seed (bench/runs.py
     experiment_key) together, in the order given; a --hf model is a group of its own."""
@@ -264,7 +290,8 @@ def main(argv):
     models = [a for a in argv if a.startswith(("--out_dir=", "--hf="))]
     rest = [a for a in argv if a not in models]
     cfg = configure_or_exit(dict({k: v for k, v in LOAD_DEFAULTS.items() if k not in ("out_dir", "hf", "precision")},
-                                 bits=8, calib_windows=32, residual=False, smoothquant_alpha=0.0, json=False), rest)
+                                 bits=8, calib_windows=32, residual=False, smoothquant_alpha=0.0, json=False,
+                                 per_site=False), rest)
     if not models:
         fail("give the models to quantize: --out_dir=RUN (train.py runs) and/or --hf=DIR (Hugging Face GPT-2)")
     if not 2 <= cfg["bits"] <= 16 or cfg["calib_windows"] < 1 or not 0 <= cfg["smoothquant_alpha"] <= 1:
@@ -280,9 +307,19 @@ def main(argv):
             fail(f"calibration needs the training split: {e}")
         print(f"{ev.name}: {len(ev.offsets)} val windows of {ev.block_size} tokens, "
               f"{cfg['calib_windows']} calibration windows", flush=True)
+        if cfg["per_site"]:
+            print(f"{cfg['bits']}-bit per-tensor activations, one site at a time (residual stream sites included)\n"
+                  f"{'site':<32} {'max|X|':>9} {'median ch':>9} {'ratio':>8} {'val PPL':>9} {'change':>9}", flush=True)
+            bf16, sites = site_table(ev, cfg["bits"], cfg["calib_windows"], log=lambda s: print(s, flush=True))
+            print(f"{'BF16':<32} {'':>9} {'':>9} {'':>8} {bf16:>9.3f}", flush=True)
+            if cfg["json"]:
+                print(json.dumps({"model": ev.name, "BF16": bf16, "sites": sites}))
+            continue
         rows.append((ev.name, ptq_table(ev, cfg["bits"], cfg["calib_windows"], cfg["residual"],
                                         cfg["smoothquant_alpha"], log=lambda s: print(s, flush=True)),
                      None if key == "hf" else run_config(value)))
+    if cfg["per_site"]:
+        return rows
     print_tables(rows, cfg["bits"], cfg["residual"], cfg["smoothquant_alpha"])
     if cfg["json"]:
         for _, t, _ in rows:

@@ -479,3 +479,46 @@ def test_seeds_of_one_run_share_a_row_with_mean_sd_and_paired_changes(runs, tmp_
     (row,) = [x for x in out.splitlines() if "(+1 seeds)" in x and "|" in x]
     assert "15.00 ± 7.07" in row.split("|")[0]  # BF16 10 and 20
     assert "A8(T) +20.0 ± 14.1%" in out.splitlines()[-1]
+
+
+def test_per_site_finds_the_planted_outlier_and_quantizes_one_site_at_a_time(trained, runs, capsys):
+    ev = copy.copy(trained)
+    ev.micro_batch_size, ev.offsets = 1, trained.offsets[:1]
+    offsets = D.train_offsets(trained.run["seed"], 0, 8, len(trained.train_data), trained.block_size)
+    _, clean = ptq.site_table(ev, bits=8, calib_windows=8)
+    planted_ev = copy.copy(ev)
+    planted_ev.model = plant_ffn_outlier(trained.model, D.get_batch(trained.train_data, offsets, trained.block_size,
+                                                                    torch.device("cpu"))[0])
+    bf16, planted = ptq.site_table(planted_ev, bits=8, calib_windows=8)
+    n_layer = trained.model.config.n_layer
+    assert len(planted) == 4 * n_layer + 1 + n_layer + 1  # 4 GEMMs a block, the LM head, the residual stream
+    site = "transformer.h.0.mlp.c_proj"
+    ratio = {k: r["amax"] / r["median_channel"] for k, r in planted.items()}
+    # measured: 1.05 -> 14.2 (the planted channel fires on few calibration tokens, and weakly)
+    assert max(ratio, key=ratio.get) == site and planted[site]["amax"] > 10 * clean[site]["amax"]
+    # a site's PPL is that of the model with only that site quantized: the others pass through untouched
+    amax = calibrate(planted_ev.model, planted_ev, D.train_offsets(trained.run["seed"], 0, 8, len(trained.train_data),
+                                                                   trained.block_size))
+    x, _ = D.get_batch(ev.val_data, ev.offsets, ev.block_size, torch.device("cpu"))
+    seen = {}
+    one = quantized(planted_ev.model, 8, None, "tensor", True, amax, {site})
+    undo = ptq.on_activations(one, lambda name, v: seen.setdefault(name, v.detach().clone()), residual=True)
+    base = {}
+    undo_base = ptq.on_activations(planted_ev.model, lambda name, v: base.setdefault(name, v.detach().clone()), residual=True)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        one(x, x)
+        planted_ev.model(x, x)
+    for u in undo + undo_base:
+        u()
+    assert torch.equal(seen["transformer.h.0.attn.c_attn"], base["transformer.h.0.attn.c_attn"])
+    assert not torch.equal(seen["h.0.output"], base["h.0.output"])  # downstream of the quantized site
+    assert planted[site]["ppl"] == pytest.approx(evaluate(
+        planted_ev.model, ev.val_data, ev.offsets, ev.block_size, 1, ev.backend, stats=False,
+        transform=lambda m: quantized(m, 8, None, "tensor", True, amax, {site}))["val_ppl"], rel=1e-6)
+    assert planted[site]["change"] == pytest.approx(planted[site]["ppl"] / bf16 - 1)
+    # the command line: one row per site and, with --json, one object per model
+    ptq.main([f"--out_dir={runs['bf16']}", "--bits=4", "--per_site", "--eval_iters=1", "--calib_windows=2", "--json"])
+    out = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(out[-1])
+    assert result["model"].endswith("run") and len(result["sites"]) == len(planted) and "Table 3" not in "\n".join(out)
+    assert sum(line.startswith(("transformer.", "lm_head", "h.")) for line in out) == len(planted)
