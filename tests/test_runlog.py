@@ -28,6 +28,19 @@ def test_a_line_cut_short_goes_and_complete_lines_stay(tmp_path, capsys):
     assert path.read_bytes() == b""
 
 
+def test_only_the_last_mebibyte_is_read(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    lines = b"".join(b'{"iter": %d}\n' % i for i in range(200000))  # ~2.5 MiB of complete lines
+    path.write_bytes(lines + b'{"iter": 2000')
+    drop_cut_short_line(str(path))
+    assert path.read_bytes() == lines and "dropped its 13 bytes" in capsys.readouterr().out
+    drop_cut_short_line(str(path))  # complete: untouched, and no note
+    assert path.read_bytes() == lines and capsys.readouterr().out == ""
+    path.write_bytes(lines + b"x" * (1 << 20) + b"y")  # no newline in the last MiB: not a line, left alone
+    drop_cut_short_line(str(path))
+    assert path.stat().st_size == len(lines) + (1 << 20) + 1 and capsys.readouterr().out == ""
+
+
 def test_resuming_log_drops_the_fragment_and_appends(tmp_path):
     (tmp_path / "metrics.jsonl").write_bytes(b'{"iter": 1}\n{"iter": 2, "lo')
     log = RunLog(str(tmp_path), master=True, resuming=True)
@@ -55,7 +68,10 @@ def test_wandb_rows_are_flat():
 
 class Wandb:
     def __init__(self, fail_on_log):
-        self.fail_on_log, self.rows = fail_on_log, []
+        self.fail_on_log, self.rows, self.summary, self.finished = fail_on_log, [], {}, False
+
+    def finish(self):
+        self.finished = True
 
     def log(self, row):
         if self.fail_on_log:
@@ -70,3 +86,16 @@ def test_a_failing_wandb_turns_itself_off_and_metrics_go_on(tmp_path, capsys):
     log({"iter": 2})
     assert log.wandb is None and capsys.readouterr().out.count("warning: wandb.log failed (ConnectionError") == 1
     assert len(open(tmp_path / "metrics.jsonl").readlines()) == 2
+
+
+def test_summary_and_finish_reach_wandb_and_other_ranks_start_none(tmp_path):
+    log = RunLog(str(tmp_path), master=True, resuming=False)
+    log.summary(best_val_loss=2.5)  # no wandb: nothing to do, nothing raised
+    log.finish()
+    log.wandb = run = Wandb(fail_on_log=False)
+    log.summary(best_val_loss=2.5)
+    log.finish()
+    assert run.summary == {"best_val_loss": 2.5} and run.finished
+    other = RunLog(str(tmp_path), master=False, resuming=False)
+    assert other.start_wandb("p", "n", {}, "offline", "abc") == "abc" and other.wandb is None
+    assert not os.path.exists(tmp_path / "wandb")
