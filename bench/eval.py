@@ -33,7 +33,7 @@ import torch  # noqa: E402
 import data as D  # noqa: E402
 from configurator import configure_or_exit, fail, first_violation, one_of, usable_device  # noqa: E402
 from model import CheckpointError, load_hf, load_trained, record_activations, summarize_moments  # noqa: E402
-from prepare_openwebtext import GPT2_VOCAB_SIZE  # noqa: E402
+from prepare_openwebtext import GPT2_VOCAB_SIZE, load_vocab_map  # noqa: E402
 from precision import make_backend  # noqa: E402
 
 
@@ -144,9 +144,11 @@ def load(out_dir="out", hf="", ckpt="last", precision="", eval_iters=0, data_dir
     except D.DataError as e:
         fail(e)
     offsets = D.val_offsets(n_windows, len(val_data), block_size)
+    # the ids the model can meet in text: a compact-vocabulary corpus's own, else GPT-2's (the padding never)
+    vocab_map = None if hf else load_vocab_map(data_dir)
+    vocab_size = info.get("hf_vocab_size", GPT2_VOCAB_SIZE if vocab_map is None else len(vocab_map))
     return SimpleNamespace(**dict(vars(ev), run=run, val_data=val_data, offsets=offsets, block_size=block_size,
-                                  micro_batch_size=micro, data_dir=data_dir,
-                                  vocab_size=info.get("hf_vocab_size", GPT2_VOCAB_SIZE)))
+                                  micro_batch_size=micro, data_dir=data_dir, vocab_size=vocab_size))
 
 
 def main(argv):

@@ -13,7 +13,8 @@ and Mean-Abs (the mean |value|), under four conditions:
       init; the LM head keeps its trained weight), on the same windows;
   (c) the same architecture freshly initialised, on the same windows;
   (d) the trained model on tokens drawn uniformly from the tokenizer's vocabulary (50257
-      for GPT-2; the padded entries never), as the paper's torch.randint.
+      for GPT-2, a compact-vocabulary run's own ids; the padded entries never), as the
+      paper's torch.randint.
 And supplementary Table 1: each sample's max |block output| (over every layer, position and
 channel) on the real and on the random windows; the Max, Min and Avg Max of those.
 Runs in BF16, as bench/eval.py. Writes one PNG with the four panels (--png, default

@@ -109,6 +109,7 @@ def write_run(out_dir, rows, world_size=1, model_args=None, **config):
     model_args = dict(dict(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=50304, dropout=0.0, bias=True,
                            tweo_tau=3.0, tweo_p=4.0, activation_checkpointing=False), **(model_args or {}))
     cfg = dict(model_args, out_dir=str(out_dir), data_dir="data/demo", precision="bf16", fp8_backend="emulated",
+               fp8_recipe="delayed", fp8_amax_history_len=16, fp8_amax_compute_algo="max", eval_windows=32,
                tweo_lambda=0.0, tweo_tau=3.0, tweo_p=4.0, tweo_schedule="constant", total_batch_tokens=1024,
                micro_batch_size=8, max_iters=20, learning_rate=3e-3, min_lr=3e-4, warmup_iters=5, lr_decay_iters=20,
                weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0, seed=1337)
@@ -152,3 +153,21 @@ def stdlib_data(tmp_path_factory):
     subprocess.run([sys.executable, "prepare_openwebtext.py", "--stdlib", "--compact_vocab", f"--out_dir={d}",
                     "--num_proc=1"], cwd=REPO, check=True, capture_output=True)
     return str(d)
+
+
+def compact_run(tmp_path, data_dir):
+    """A random GPT on the demo's compact vocabulary (5,171 ids in 5184), without biases, in train.py's files:
+    (out_dir, the corpus's meta.json)."""
+    meta = json.load(open(os.path.join(data_dir, "meta.json")))
+    args = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=meta["vocab_map"]["model_vocab_size"],
+                bias=False, dropout=0.0)
+    import torch
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**args))
+    with torch.no_grad():  # far from init's ones and zeros, which would hide a swapped LayerNorm
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.3 + name.endswith("layer_norm_weight"))
+    out_dir = write_run(tmp_path / "compact", [], model_args=args, data_dir=data_dir)
+    torch.save({"model": model.state_dict(), "model_args": args, "config": {}}, os.path.join(out_dir, "model_last.pt"))
+    return out_dir, meta

@@ -8,10 +8,10 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, refused, write_run
+from conftest import REPO, compact_run, refused, write_run
 
 from bench.export_hf import main as export_hf
-from model import GPT, GPTConfig, load_trained
+from model import load_trained
 from prepare_openwebtext import demo_documents, gpt2_tokenizer
 
 
@@ -79,21 +79,6 @@ def test_the_tokenizer_encodes_as_tiktoken(exported):
     for text in texts + demo_documents():  # the demo corpus: ~140k tokens of English prose and Python
         assert tok(text)["input_ids"] == enc.encode_ordinary(text)
     assert tok.decode(enc.encode_ordinary(texts[1])) == texts[1] and tok.eos_token_id == 50256 and len(tok) == 50257
-
-
-def compact_run(tmp_path, data_dir):
-    """A random GPT on the demo's compact vocabulary (5,171 ids in 5184), without biases, in train.py's files."""
-    meta = json.load(open(os.path.join(data_dir, "meta.json")))
-    args = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=meta["vocab_map"]["model_vocab_size"],
-                bias=False, dropout=0.0)
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(**args))
-    with torch.no_grad():  # far from init's ones and zeros, which would hide a swapped LayerNorm
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn_like(p) * 0.3 + name.endswith("layer_norm_weight"))
-    out_dir = write_run(tmp_path / "compact", [], model_args=args, data_dir=data_dir)
-    torch.save({"model": model.state_dict(), "model_args": args, "config": {}}, os.path.join(out_dir, "model_last.pt"))
-    return out_dir, meta
 
 
 def test_a_compact_vocabulary_run_exports_its_own_vocabulary_and_no_tokenizer(runs, demo_compact_data, tmp_path, capsys):

@@ -11,7 +11,7 @@ import torch
 
 from bench.eval import load
 from bench.stethoscope import CONDITIONS, STATS, conditions, main as stethoscope_main, stethoscope
-from conftest import REPO, refused
+from conftest import REPO, compact_run, refused
 
 
 def direct(model, tokens):
@@ -127,3 +127,15 @@ def test_a_png_that_cannot_be_written_is_refused_before_loading(runs, tmp_path, 
     png = tmp_path / "afile" / "s.png"
     err = refused(capsys, stethoscope_main, f"--out_dir={runs['bf16']}", f"--png={png}")
     assert err == f"error: --png={png} is not a file this process can write (its folder cannot be written or created)\n"
+
+
+def test_a_compact_vocabulary_run_draws_random_tokens_from_its_own_ids(demo_compact_data, tmp_path):
+    """(d) on a --compact_vocab run: uniform over the corpus's 5,171 ids, which the model's 5184 rows hold
+    (GPT-2's 50257 would index past its embedding)."""
+    out_dir, meta = compact_run(tmp_path, demo_compact_data)
+    ev = load(out_dir=out_dir, eval_iters=1)
+    assert ev.vocab_size == meta["vocab_size"] == 5171
+    _, uniform = conditions(ev, windows=64, seed=0)["d"]
+    assert uniform.max() < 5171 and uniform.max() > 5000  # the whole range, not GPT-2's, not the padding
+    result = stethoscope(ev, windows=8)  # through all four conditions
+    assert list(result["conditions"]) == list(CONDITIONS) and result["windows"] == 8

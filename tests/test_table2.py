@@ -125,7 +125,7 @@ def test_runs_of_one_cell_must_differ_only_in_their_seed(tmp_path):
                   wandb_run_name="elsewhere", compile=False, micro_batch_size=4)  # bookkeeping only: a repeat
     r = subprocess.run([sys.executable, "bench/table2.py", a, b], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 2 and r.stdout == "" and len(r.stderr.splitlines()) == 1
-    assert "differ in fp8_amax_history_len (None and 1), not only in their seed" in r.stderr
+    assert "differ in fp8_amax_history_len (16 and 1), not only in their seed" in r.stderr
     r = subprocess.run([sys.executable, "bench/table2.py", c, write_run(tmp_path / "d", [eval_row(20, 20.0)],
                         precision="fp8", fp8_amax_history_len=16)], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
