@@ -18,8 +18,6 @@ import os
 import sys
 import types
 
-REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
-
 
 class ConfigError(Exception):
     pass
@@ -53,14 +51,11 @@ def configure(defaults, argv):
             if not os.path.isfile(arg):
                 raise ConfigError(f"config file '{arg}' not found")
             namespace = {}
-            sys.path.insert(0, REPO_ROOT)  # so that configs can import configs.sizes.*
             try:
                 with open(arg) as f:
                     exec(compile(f.read(), arg, "exec"), namespace)
             except Exception as e:
                 raise ConfigError(f"config file '{arg}' failed: {type(e).__name__}: {e}") from e
-            finally:
-                sys.path.remove(REPO_ROOT)
             for key, value in namespace.items():
                 if key.startswith("_") or isinstance(value, types.ModuleType):
                     continue

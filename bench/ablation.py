@@ -11,12 +11,9 @@ setting, #, is in both). Runs of different sizes, data or schedules get rows of 
 order given. λ, the schedule and the precision are shown, not assumed.
 """
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.runs import PAPER_TWEO, experiments, fmt_mean_sd, markdown, mean_sd, model_name, parse_args, peak_spec  # noqa: E402
+from bench.runs import PAPER_TWEO, experiments, fmt_mean_sd, markdown, mean_sd, model_name, parse_args, peak_spec
 
 USAGE = "python bench/ablation.py RUN_DIR [RUN_DIR ...] [--json]"
 TABLES = (("Table 2: the threshold τ at p = 4", "τ", "tweo_tau", ("tweo_p", 4.0)),

@@ -15,14 +15,13 @@ import os
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from bench.plots import main as plots
+from bench.runs import summarize, train_flags
+from bench.table2 import main as table2
+from bench.table10 import main as table10
+from configurator import configure_or_exit, fail, first_violation
 
-from bench.plots import main as plots  # noqa: E402
-from bench.runs import summarize, train_flags  # noqa: E402
-from bench.table2 import main as table2  # noqa: E402
-from bench.table10 import main as table10  # noqa: E402
-from configurator import configure_or_exit, fail, first_violation  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MAX_ITERS = 150  # `make demo` uses this too, unless DEMO_ITERS is given
 MODES = {"bf16": ["--precision=bf16"],

@@ -26,15 +26,13 @@ import os
 import sys
 from types import SimpleNamespace
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-import data as D  # noqa: E402
-from configurator import configure_or_exit, fail, first_violation, one_of, usable_device  # noqa: E402
-from model import CheckpointError, load_hf, load_trained, record_activations, summarize_moments  # noqa: E402
-from prepare_openwebtext import GPT2_VOCAB_SIZE, load_vocab_map  # noqa: E402
-from precision import make_backend  # noqa: E402
+import data as D
+from configurator import configure_or_exit, fail, first_violation, one_of, usable_device
+from model import CheckpointError, load_hf, load_trained, record_activations, summarize_moments
+from prepare_openwebtext import GPT2_VOCAB_SIZE, load_vocab_map
+from precision import make_backend
 
 
 def evaluate(model, val_data, offsets, block_size, micro_batch_size, backend, transform=None, stats=True,

@@ -25,11 +25,9 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from configurator import configure_or_exit, fail, writable_dir  # noqa: E402
-from model import CheckpointError, hf_gpt2_names, load_hf, load_trained  # noqa: E402
-from prepare_openwebtext import EOT, GPT2_VOCAB_SIZE, gpt2_tokenizer, write_atomically  # noqa: E402
+from configurator import configure_or_exit, fail, writable_dir
+from model import CheckpointError, hf_gpt2_names, load_hf, load_trained
+from prepare_openwebtext import EOT, GPT2_VOCAB_SIZE, gpt2_tokenizer, write_atomically
 
 DEFAULTS = dict(out_dir="out", hf="", ckpt="last", to="", overwrite=False)
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")

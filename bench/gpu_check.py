@@ -28,11 +28,10 @@ import statistics
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from bench.runs import read_run, summarize
+from configurator import configure_or_exit, fail, writable_dir
 
-from bench.runs import read_run, summarize  # noqa: E402
-from configurator import configure_or_exit, fail, writable_dir  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 OPTIONS = dict(config="configs/gpt2_124m_bf16.py", max_iters=50, data_dir="", out_dir="out/gpu_check",
                loss_rtol=0.05, resume_rtol=1e-2, cpu=False)

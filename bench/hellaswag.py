@@ -30,15 +30,13 @@ import os
 import sys
 import urllib.request
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from bench.eval import LOAD_DEFAULTS, load_model  # noqa: E402
-from bench.export_hf import read_run_json, run_vocabulary  # noqa: E402
-from configurator import configure_or_exit, fail, first_violation, progress_bar, writable_file  # noqa: E402
-from prepare_openwebtext import GPT2_VOCAB_SIZE, gpt2_tokenizer, write_atomically  # noqa: E402
+from bench.eval import LOAD_DEFAULTS, load_model
+from bench.export_hf import read_run_json, run_vocabulary
+from configurator import configure_or_exit, fail, first_violation, progress_bar, writable_file
+from prepare_openwebtext import GPT2_VOCAB_SIZE, gpt2_tokenizer, write_atomically
 
 OFFICIAL_PATH = os.path.join("data", "hellaswag", "hellaswag_val.jsonl")
 OFFICIAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"

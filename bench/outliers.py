@@ -21,17 +21,14 @@ the whole model, and one verdict from the layers that have massive activations:
 """
 import collections
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-import data as D  # noqa: E402
-from bench.eval import LOAD_DEFAULTS, load  # noqa: E402
-from configurator import configure_or_exit, fail  # noqa: E402
-from prepare_openwebtext import gpt2_tokenizer, load_vocab_map  # noqa: E402
+import data as D
+from bench.eval import LOAD_DEFAULTS, load
+from configurator import configure_or_exit, fail
+from prepare_openwebtext import gpt2_tokenizer, load_vocab_map
 
 MASSIVE_ABS, MASSIVE_RATIO = 100.0, 1000.0  # Sun et al.: >= 100 in magnitude, ~1000x the median
 FEW_CHANNELS, FEW_TOKENS = 4, 0.02

@@ -27,18 +27,16 @@ import math
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.colors as colors  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib.ticker as ticker  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.colors as colors
+import matplotlib.pyplot as plt
+import matplotlib.ticker as ticker
+import torch
 
-from bench.runs import latest_by_iter, parse_args  # noqa: E402
-from configurator import fail, writable_dir  # noqa: E402
+from bench.runs import latest_by_iter, parse_args
+from configurator import fail, writable_dir
 
 USAGE = "python bench/plots.py RUN_DIR [RUN_DIR ...] [--out=DIR] [--hist_iters=N] [--overwrite]"
 QUANT_ERROR = (("rel_error", "relative error ||Q(x) - x|| / ||x||"), ("flushed", "fraction of nonzero elements flushed to 0"),

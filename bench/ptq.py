@@ -29,16 +29,14 @@ import math
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+import torch.nn as nn
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-
-import data as D  # noqa: E402
-from bench.eval import LOAD_DEFAULTS, evaluate, load  # noqa: E402
-from bench.runs import experiment_key, fmt_mean_sd  # noqa: E402
-from configurator import configure_or_exit, fail  # noqa: E402
-from precision import LayerNormLinear  # noqa: E402
+import data as D
+from bench.eval import LOAD_DEFAULTS, evaluate, load
+from bench.runs import experiment_key, fmt_mean_sd
+from configurator import configure_or_exit, fail
+from precision import LayerNormLinear
 
 EPS = 1e-8  # Eq. 4's epsilon: keeps the scale of an all-zero tensor (or row) finite
 

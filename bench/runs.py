@@ -15,7 +15,6 @@ import os
 import statistics
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SIZE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias", "dropout")
 SCHEDULE_KEYS = ("total_batch_tokens", "max_iters", "learning_rate", "min_lr", "warmup_iters", "lr_decay_iters",

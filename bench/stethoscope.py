@@ -25,15 +25,13 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+import torch.nn as nn
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-
-import data as D  # noqa: E402
-from bench.eval import LOAD_DEFAULTS, load  # noqa: E402
-from configurator import configure_or_exit, fail, progress_bar, writable_file  # noqa: E402
-from model import build_model  # noqa: E402
+import data as D
+from bench.eval import LOAD_DEFAULTS, load
+from configurator import configure_or_exit, fail, progress_bar, writable_file
+from model import build_model
 
 CONDITIONS = {"a": "(a) trained model, real text", "b": "(b) trained blocks, fresh wte + wpe, real text",
               "c": "(c) freshly initialised model, real text", "d": "(d) trained model, uniform random tokens"}

@@ -12,12 +12,9 @@ memory; CPU: the process's peak RSS). For the four modes side by side on one mod
 the engine, see bench/throughput.py.
 """
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.runs import fmt, markdown, model_name, order_key, parse_args  # noqa: E402
+from bench.runs import fmt, markdown, model_name, order_key, parse_args
 
 USAGE = "python bench/table10.py RUN_DIR [RUN_DIR ...] [--json]"
 

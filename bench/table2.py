@@ -14,14 +14,11 @@ before the collapse, marked #, with the iteration in a footnote. --paper adds th
 own numbers for the sizes it has; --json prints the rows as JSON on the last line.
 """
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.runs import (SCHEDULE_KEYS, SIZE_KEYS, check_repeats, fmt, fmt_mean_sd, markdown, mean_sd, order_key,  # noqa: E402
+from bench.runs import (SCHEDULE_KEYS, SIZE_KEYS, check_repeats, fmt, fmt_mean_sd, markdown, mean_sd, order_key,
                         parse_args, peak_spec, row_name)
-from configurator import fail  # noqa: E402
+from configurator import fail
 
 USAGE = "python bench/table2.py RUN_DIR [RUN_DIR ...] [--paper] [--json]"
 # Table 2 of the paper: (PPL (FP8), PPL (BF16), Peak); None where it prints '-'. The paper

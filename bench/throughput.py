@@ -32,13 +32,11 @@ import sys
 import time
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from configurator import configure_or_exit, declared_keys, fail, progress_bar, writable_file  # noqa: E402
-from model import GPTConfig, build_model  # noqa: E402
-from precision import make_backend  # noqa: E402
+from configurator import configure_or_exit, declared_keys, fail, progress_bar, writable_file
+from model import GPTConfig, build_model
+from precision import make_backend
 
 MODES = {"fp32": ("fp32", 0.0), "bf16": ("bf16", 0.0), "bf16_tweo": ("bf16", 0.01), "fp8": ("fp8", 0.0),
          "fp8_tweo": ("fp8", 0.01)}

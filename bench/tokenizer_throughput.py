@@ -6,16 +6,13 @@ the same input, side by side.
     python bench/tokenizer_throughput.py --input owt/ --num_proc 8 --limit 200000
 """
 import argparse
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import datasets
 
-import datasets  # noqa: E402
-
-import prepare_openwebtext as P  # noqa: E402
-from configurator import fail, on_terminal  # noqa: E402
+import prepare_openwebtext as P
+from configurator import fail, on_terminal
 
 
 def main(argv=None):

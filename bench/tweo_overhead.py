@@ -12,16 +12,13 @@ same VRAM (supplementary Table 10).
 The last two lines are `time ratio: R (target <= T)` and `memory ratio: R (target <= 1.01)`,
 T = 1.02 on CPU and 1.01 on a GPU. Measurement helpers: bench/throughput.py.
 """
-import os
 import statistics
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from bench.throughput import describe, make_step, model_config, peak_bytes, seconds_per_step  # noqa: E402
-from configurator import fail, progress_bar  # noqa: E402
+from bench.throughput import describe, make_step, model_config, peak_bytes, seconds_per_step
+from configurator import fail, progress_bar
 
 MEMORY_TARGET = 1.01
 

@@ -1,4 +1,4 @@
-"""Shared test helpers: the repository on sys.path, and real training runs of configs/tiny.py
+"""Shared test helpers: real training runs of configs/tiny.py
 (on the demo corpus) that several test files check."""
 import json
 import math
@@ -9,7 +9,6 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 MODES = {"bf16": ["--precision=bf16"], "fp8": ["--precision=fp8", "--fp8_backend=emulated"],
          "fp8_tweo": ["--precision=fp8", "--fp8_backend=emulated", "--tweo_lambda=0.01"]}

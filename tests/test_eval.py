@@ -12,7 +12,6 @@ import torch
 
 from conftest import REPO, metrics, train
 
-sys.path.insert(0, os.path.join(REPO, "bench"))
 
 
 def run_eval(*args):
@@ -79,7 +78,7 @@ def test_a_transform_is_evaluated_and_the_original_is_untouched(runs, mode):
     import copy
 
     import data as D
-    from eval import evaluate
+    from bench.eval import evaluate
     from model import load_trained
     from precision import make_backend
     cfg = json.load(open(os.path.join(runs[mode], "run.json")))["config"]
@@ -124,7 +123,6 @@ def test_best_and_last_are_different_checkpoints_when_the_last_evaluation_is_wor
 PADDED_EVAL = """
 import json, os, sys
 import torch, torch.distributed as dist
-sys.path.insert(0, os.getcwd())
 import data as D
 from model import GPT, GPTConfig
 from precision import make_backend

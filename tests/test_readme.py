@@ -8,9 +8,8 @@ import sys
 
 from conftest import REPO
 
-sys.path.insert(0, os.path.join(REPO, "tools"))
-import config_table  # noqa: E402
-from configurator import declared_keys  # noqa: E402
+from tools import config_table
+from configurator import declared_keys
 
 
 def readme():

@@ -26,15 +26,14 @@ import time
 import numpy as np
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # results/mini_search/ -> the repository
-sys.path.insert(0, REPO)
+import data as D
+from bench.runs import read_jsonl
+from configurator import fail, writable_file
+from model import GPTConfig, build_model
+from precision import ROLES, make_backend
+from prepare_openwebtext import gpt2_tokenizer, load_vocab_map
 
-import data as D  # noqa: E402
-from bench.runs import read_jsonl  # noqa: E402
-from configurator import fail, writable_file  # noqa: E402
-from model import GPTConfig, build_model  # noqa: E402
-from precision import ROLES, make_backend  # noqa: E402
-from prepare_openwebtext import gpt2_tokenizer, load_vocab_map  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # results/mini_search/ -> the repository
 
 MODES = {"bf16": ("bf16", 0.0), "bf16_tweo": ("bf16", 0.01), "fp8": ("fp8", 0.0), "fp8_tweo": ("fp8", 0.01)}
 
