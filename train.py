@@ -88,7 +88,6 @@ wandb_mode = "online"  # 'online' or 'offline'
 # collapse
 collapse_factor = 3.0  # a loss above collapse_factor x the best loss so far is a collapse
 stop_on_collapse = True  # stop cleanly; False skips that update and continues
-inject_nan_iter = -1  # testing the collapse path: make the loss NaN at this iteration
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 # the deepspeed launcher adds --local_rank=N; torchrun and DeepSpeed both set LOCAL_RANK anyway
@@ -183,7 +182,6 @@ CHECKS = [
     ("wandb_project", lambda v: v != "", "a name"),
     ("wandb_mode", *one_of("online", "offline")),
     ("collapse_factor", lambda v: v > 1, "> 1"),
-    ("inject_nan_iter", lambda v: v >= -1, ">= -1 (-1: off)"),
     ("clipped_softmax_gamma", lambda v: v <= 0, "<= 0 (0: off; -alpha / block_size, Bondarenko et al.)"),
     ("clipped_softmax_zeta", lambda v: v >= 1, ">= 1"),
 ]
@@ -463,9 +461,8 @@ while iter_num < max_iters:
                            block_size, device)
         with autocast(micro_step == 0 if grad_accum > 1 else None, measured):  # FP8 weights cast once
             out = engine(x, y, with_tweo=lam > 0)
-        task_loss = out.loss * float("nan") if iter_num == inject_nan_iter else out.loss
-        loss = task_loss + lam * out.tweo_loss if lam > 0 else task_loss
-        sums[:2] += torch.stack([task_loss.detach().float(), out.tweo_loss.detach().float()])
+        loss = out.loss + lam * out.tweo_loss if lam > 0 else out.loss
+        sums[:2] += torch.stack([out.loss.detach().float(), out.tweo_loss.detach().float()])
         interval_act_max = torch.fmax(interval_act_max, out.act_max)  # a NaN does not hide the finite peak
         if micro_step == grad_accum - 1:
             # the one host sync per iteration: the global loss decides on a collapse before

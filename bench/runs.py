@@ -23,7 +23,8 @@ SCHEDULE_KEYS = ("total_batch_tokens", "max_iters", "learning_rate", "min_lr", "
 # it trained: runs that differ only in these and their seed are repeats of one experiment
 BOOKKEEPING_KEYS = {"out_dir", "init_from", "seed", "wandb_log", "wandb_project", "wandb_run_name", "wandb_mode",
                     "compile", "cpu_gemm", "zero_stage", "activation_checkpointing", "micro_batch_size", "eval_interval",
-                    "log_interval", "act_stats_interval", "ckpt_interval", "ckpt_keep", "inject_nan_iter"}
+                    "log_interval", "act_stats_interval", "ckpt_interval", "ckpt_keep",
+                    "inject_nan_iter"}  # the last: a test hook that run.json files written before 2026-12-07 carry
 # configs/sizes/<key>.py -> the paper's name for that model
 SIZE_NAMES = {"gpt2_124m": "GPT2", "gpt2_medium": "GPT2-medium", "gpt2_large": "GPT2-large", "gpt2_xl": "GPT2-xl",
               "gpt2_3b": "GPT2 3B", "gpt2_7b": "GPT2 7B"}

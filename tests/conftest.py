@@ -29,11 +29,18 @@ def train_cmd(nproc, *args):
     return (launcher if nproc > 1 else [sys.executable]) + ["train.py", "configs/tiny.py", *args]
 
 
-def train(nproc, *args, check=True):
-    r = subprocess.run(train_cmd(nproc, *args), cwd=REPO, capture_output=True, text=True, timeout=600)
+def train(nproc, *args, check=True, env=None):
+    r = subprocess.run(train_cmd(nproc, *args), cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     if check and r.returncode != 0:
         raise AssertionError(f"train.py failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     return r
+
+
+def nan_at(iteration, micro_steps=2):
+    """The environment of a train.py run whose task loss is NaN in the first micro-step of
+    `iteration` (configs/tiny.py on 1 rank: 2 micro-steps an iteration): tests/fixtures/inject_nan/sitecustomize.py."""
+    path = os.pathsep.join(p for p in (os.path.join(REPO, "tests", "fixtures", "inject_nan"), os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, PYTHONPATH=path, INJECT_NAN_FORWARD=str(iteration * micro_steps + 1))
 
 
 def refused(capsys, main, *args):
@@ -98,7 +105,7 @@ def collapsed_run(demo_data, tmp_path_factory):
     """A 1-rank FP8 run of the `runs` schedule whose loss is made NaN at iteration 10: it
     collapses at iter 11, after one evaluation (iter 8)."""
     out_dir = str(tmp_path_factory.mktemp("collapsed") / "run")
-    train(1, f"--data_dir={demo_data}", f"--out_dir={out_dir}", *MODES["fp8"], *RUN, "--inject_nan_iter=10")
+    train(1, f"--data_dir={demo_data}", f"--out_dir={out_dir}", *MODES["fp8"], *RUN, env=nan_at(10))
     return out_dir
 
 
