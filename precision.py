@@ -1,17 +1,16 @@
 """
 Precision backends: the one place that knows how a GEMM is computed.
 
-model.py asks a backend for two layer types and one context manager:
+model.py and train.py see a backend only through the Backend protocol below: two layer types
+(Linear, LayerNormLinear), autocast() around each micro-batch forward, matmul, checkpoint and
+telemetry. Where an FP8 product happens, from model.py:
 
-    backend.LayerNormLinear(in, out, bias, init_std)   LayerNorm fused into the GEMM's input
-    backend.Linear(in, out, bias, init_std)
-    with backend.autocast(): ...                        wraps one micro-batch forward
+    backend.Linear(...)  = FP8Linear           (a functools.partial with the backend's settings)
+    FP8Linear.forward    -> _FP8LinearFunction (the casts; forward and both backward GEMMs)
+                         -> EmulatedGemm.mm / ScaledMMGemm.mm -> torch.addmm / torch._scaled_mm
 
-and train.py additionally calls backend.autocast(model, first_micro_batch, measure_quant_error)
-(the FP8 scale update at entry; weights cast once per iteration; a step whose FP8 casts record
-what they lose), backend.checkpoint(fn, x) for activation checkpointing, backend.telemetry(model)
-for the FP8 amax / saturation signals and fp8_quant_error(model) for the measured losses.
-backend.compile says whether the fused pieces (FP8 casts, the TWEO term) run compiled.
+The file reads in that order: the interface; bf16; quantization (the FP8 cast); the FP8 GEMM;
+the scaling state; the backends; Transformer Engine; choosing a backend.
 
 Four backends, chosen by make_backend():
   bf16      torch layers under torch.autocast(bfloat16); CPU and CUDA
@@ -31,6 +30,7 @@ once to bf16: the same arithmetic up to accumulation order (see choose_cpu_gemm)
 """
 import contextlib
 import functools
+from typing import Callable, Protocol
 
 import torch
 import torch.nn as nn
@@ -40,6 +40,32 @@ E4M3 = torch.float8_e4m3fn  # forward: activations and weights, max 448
 E5M2 = torch.float8_e5m2    # backward: output gradients, max 57344
 ROLES = ("input", "weight", "grad_output")
 ROLE_DTYPES = (E4M3, E4M3, E5M2)
+ROLE_MAXES = tuple(torch.finfo(d).max for d in ROLE_DTYPES)
+
+
+class Backend(Protocol):
+    """What model.py and train.py use of a precision backend (make_backend builds one)."""
+    name: str  # 'bf16', 'emulated', 'torch' or 'te'
+    compile: bool  # whether the fused pieces (the FP8 casts, model.py's TWEO term) run through torch.compile
+    cpu_gemm: str  # where GEMMs with bf16 semantics run: 'native' or 'fp32' (choose_cpu_gemm)
+    cpu_gemm_why: str  # and why, for the run's first log lines
+    # the two layer types model.py builds, called as Linear(in_features, out_features, bias, init_std)
+    Linear: Callable[..., nn.Module]
+    LayerNormLinear: Callable[..., nn.Module]  # a LayerNorm fused into the GEMM's input, as te.LayerNormLinear
+
+    def autocast(self, model=None, first_micro_batch=None, measure_quant_error=False):
+        """The context of one micro-batch forward (backward runs outside it). Given the model, an FP8
+        backend first applies the amaxes recorded since the last entry; first_micro_batch True or
+        False casts FP8 weights once per iteration; measure_quant_error records what the casts lose."""
+
+    def matmul(self, a, b):
+        """a @ b on this backend's GEMM path (attention's explicit product, for clipped softmax)."""
+
+    def checkpoint(self, fn, *args):
+        """fn(*args) with its activations recomputed in backward (activation checkpointing)."""
+
+    def telemetry(self, model) -> dict:
+        """The FP8 amax and saturation signals since the last call ({} without FP8)."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -159,38 +185,11 @@ class LayerNormLinear(nn.Module):
         return linear(self.layer_norm(x), self.weight, self.bias, self.cpu_gemm)
 
 
-class BF16Backend:
-    name = "bf16"
-
-    def __init__(self, device_type="cpu", cpu_gemm="auto", compile=False):
-        self.device_type, self.compile = device_type, compile  # compile: the TWEO term's kernels (model.py)
-        self.cpu_gemm, self.cpu_gemm_why = choose_cpu_gemm(cpu_gemm, device_type)
-        kw = dict(cpu_gemm=self.cpu_gemm)
-        self.Linear = lambda i, o, bias=True, init_std=0.02: Linear(i, o, bias, init_std, **kw)
-        self.LayerNormLinear = lambda i, o, bias=True, init_std=0.02: LayerNormLinear(i, o, bias, init_std, **kw)
-
-    def matmul(self, a, b):
-        return matmul(a, b, self.cpu_gemm)
-
-    def autocast(self, model=None, first_micro_batch=None, measure_quant_error=False):
-        return torch.autocast(device_type=self.device_type, dtype=torch.bfloat16)
-
-    def checkpoint(self, fn, *args):
-        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
-
-    def telemetry(self, model):
-        return {}
-
-
 # ----------------------------------------------------------------------------------------
-# Emulated FP8: Transformer Engine's per-tensor scaling, computed with torch's float8 dtypes.
+# Quantization: Transformer Engine's per-tensor FP8 scaling, computed with torch's float8 dtypes.
 #
 # Each GEMM keeps one scale per role (input, weight, grad_output). The value x is cast as
-# saturate(x * scale) -> float8. Every E4M3 and E5M2 value is exact in bf16, so the GEMM
-# runs in bf16 on the raw FP8 values (oneDNN accumulates bf16 products in fp32) and the two
-# dequantization factors 1/scale are applied once, to the fp32 accumulator, before the one
-# rounding to the output dtype: the same arithmetic as an FP8 tensor-core GEMM with fp32
-# accumulation. fp32 outputs (no autocast) run the GEMM in fp32 instead.
+# saturate(x * scale) -> float8.
 #
 # Delayed scaling (TE's DelayedScaling): the scale used at step t is fp8_max / amax, where
 # amax is taken over the last `amax_history_len` amaxes recorded *before* t. The amax of
@@ -260,6 +259,17 @@ def quantize(x, scale, dtype):
 def dequantize(q, scale):
     return q.to(torch.float32).div_(scale)
 
+
+# ----------------------------------------------------------------------------------------
+# The FP8 GEMM: y = x @ w.T + b from E4M3 x and w, and in backward the two GEMMs of the E5M2
+# gradient. The product is a strategy the backend picks (EmulatedGemm or ScaledMMGemm, each with
+# an fp32 variant for CPUs without native bf16 GEMMs); _FP8LinearFunction casts and calls it.
+#
+# The emulation: every E4M3 and E5M2 value is exact in bf16, so the GEMM runs in bf16 on the
+# raw FP8 values (oneDNN accumulates bf16 products in fp32) and the two dequantization factors
+# 1/scale are applied once, to the fp32 accumulator, before the one rounding to the output
+# dtype: the same arithmetic as an FP8 tensor-core GEMM with fp32 accumulation. fp32 outputs
+# (no autocast) run the GEMM in fp32 instead.
 
 class EmulatedGemm:
     """a @ b on FP8 operands with per-tensor dequantization factors (1/scale): bf16 GEMM on
@@ -374,6 +384,14 @@ class ScaledMMGemmInFP32(ScaledMMGemm):
         return EmulatedGemmInFP32.mm(a, b, a_inv, b_inv, torch.bfloat16, bias).to(out_dtype)
 
 
+def output_dtype(x):
+    """The dtype an FP8 layer returns: the autocast dtype inside autocast (TE's rule; CUDA
+    autocast runs layer_norm in fp32, which must not leak into the residual stream)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 class _FP8LinearFunction(torch.autograd.Function):
     """y = x @ w.T + b with x, w in E4M3 and dy in E5M2, fp32 accumulation. Saves the
     quantized x and w for backward as the GEMM takes them: float8 (one byte per element,
@@ -444,13 +462,10 @@ def _fp8_weight(layer, weight, scales, current, wide, training_step):
     return wq, sw
 
 
-def output_dtype(x):
-    """The dtype an FP8 layer returns: the autocast dtype inside autocast (TE's rule; CUDA
-    autocast runs layer_norm in fp32, which must not leak into the residual stream)."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
+# ----------------------------------------------------------------------------------------
+# FP8 scaling state: per GEMM and role, a scale, an amax history and telemetry counters, kept
+# in buffers of the layer (checkpointed with it) and stacked per model (FP8ScalingState), so that
+# the amax reduction is one collective and the delayed-scaling update a few ops.
 
 class MicroBatches:
     """Where training stands in an iteration, shared by a backend's FP8 layers: TE's
@@ -472,13 +487,23 @@ FP8_STATE_BUFFERS = ("fp8_scale", "fp8_amax_history", "fp8_amax_pending", "fp8_s
                      "fp8_saturated_tensors")
 
 
+# What a measured step's FP8 casts lost, summed per GEMM and role over its micro-batches and ranks:
+# ||Q(x) - x||^2 and ||x||^2 (Q(x): the FP8 value times 1/scale, what the GEMM computes with), the
+# nonzero elements that became zero (flushed below E4M3's / E5M2's smallest subnormal), the nonzero
+# elements, the saturated elements (clipped to the format's maximum) and all elements.
+QUANT_ERROR_SUMS = ("error_sq", "x_sq", "flushed", "nonzero", "saturated", "elements")
+
+
 class _FP8State:
     """Per-GEMM scaling state, all of it in buffers so that it is checkpointed and moves
     with the module: scale[3], amax_history[H, 3] (row 0 newest), the amax seen since the
     last update (amax_pending[3]) and saturation counters since the last telemetry read.
-    Inside a model the buffers are views of one stacked tensor per quantity (FP8ScalingState)."""
+    Inside a model the buffers are views of one stacked tensor per quantity (FP8ScalingState).
+    The FP8 layers' first base: it builds the bf16 layer after it in their MRO, then the state."""
 
-    def _init_fp8_state(self, recipe, history_len, compute_algo, gemm, cast, micro_batches):
+    def __init__(self, in_features, out_features, bias=True, init_std=0.02, *, recipe, history_len, compute_algo,
+                 gemm=EmulatedGemm, cast=cast_to_fp8, micro_batches=None):
+        super().__init__(in_features, out_features, bias=bias, init_std=init_std)  # the bf16 layer's (MRO)
         self.recipe, self.compute_algo, self.fp8_gemm, self.fp8_cast = recipe, compute_algo, gemm, cast
         self.fp8_micro_batches = micro_batches or MicroBatches()
         self.fp8_weight_cache = None  # ((iteration, operand dtype), FP8 weight, its scale): not state, not saved
@@ -515,30 +540,6 @@ class _FP8State:
             torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device)])
 
 
-class FP8Linear(_FP8State, Linear):
-    def __init__(self, in_features, out_features, bias=True, init_std=0.02, *, recipe, history_len, compute_algo,
-                 gemm=EmulatedGemm, cast=cast_to_fp8, micro_batches=None):
-        super().__init__(in_features, out_features, bias=bias, init_std=init_std)
-        self._init_fp8_state(recipe, history_len, compute_algo, gemm, cast, micro_batches)
-
-    def forward(self, x):
-        return _FP8LinearFunction.apply(x, self.weight, self.bias, self, self.training and torch.is_grad_enabled(),
-                                        output_dtype(x))
-
-
-class FP8LayerNormLinear(_FP8State, LayerNormLinear):
-    """LayerNorm in high precision, its output quantized as the GEMM input (TE's LayerNormLinear)."""
-
-    def __init__(self, in_features, out_features, bias=True, init_std=0.02, *, recipe, history_len, compute_algo,
-                 gemm=EmulatedGemm, cast=cast_to_fp8, micro_batches=None):
-        super().__init__(in_features, out_features, bias=bias, init_std=init_std)
-        self._init_fp8_state(recipe, history_len, compute_algo, gemm, cast, micro_batches)
-
-    def forward(self, x):
-        return _FP8LinearFunction.apply(self.layer_norm(x), self.weight, self.bias, self,
-                                        self.training and torch.is_grad_enabled(), output_dtype(x))
-
-
 def fp8_layers(model):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, _FP8State)]
 
@@ -549,63 +550,6 @@ def keep_fp8_state_fp32(model):
     for _, m in fp8_layers(model):
         for name in ("fp8_scale", "fp8_amax_history", "fp8_amax_pending"):
             setattr(m, name, getattr(m, name).float())
-
-
-class EmulatedFP8Backend:
-    """Per-tensor FP8 layers with TE's scaling semantics. The GEMM (`fp8_gemm`) is the only
-    thing the 'emulated' and 'torch' backends do differently."""
-    name = "emulated"
-
-    def __init__(self, recipe="delayed", amax_history_len=16, amax_compute_algo="max", device_type="cpu",
-                 cpu_gemm="auto", compile=False):
-        self.recipe, self.device_type, self.compile = recipe, device_type, compile
-        self.cpu_gemm, self.cpu_gemm_why = choose_cpu_gemm(cpu_gemm, device_type)
-        gemm = self.fp8_gemm(cpu_gemm)
-        if gemm is ScaledMMGemmInFP32 and cpu_gemm == "auto":  # the run's first lines say where its FP8 GEMMs run
-            self.cpu_gemm_why += "; FP8 GEMMs as fp32 GEMMs on their float8 values (--cpu_gemm=native calls torch._scaled_mm)"
-        self.micro_batches = MicroBatches()
-        kw = dict(recipe=recipe, history_len=amax_history_len, compute_algo=amax_compute_algo, gemm=gemm,
-                  cast=cast_function(compile), micro_batches=self.micro_batches)
-        self.Linear = lambda i, o, bias=True, init_std=0.02: FP8Linear(i, o, bias, init_std, **kw)
-        self.LayerNormLinear = lambda i, o, bias=True, init_std=0.02: FP8LayerNormLinear(i, o, bias, init_std, **kw)
-
-    def fp8_gemm(self, cpu_gemm):
-        return EmulatedGemmInFP32 if self.cpu_gemm == "fp32" else EmulatedGemm
-
-    @contextlib.contextmanager
-    def autocast(self, model=None, first_micro_batch=None, measure_quant_error=False):
-        """Entering applies the amax recorded since the last entry (the previous micro-batch's
-        forward and backward), max-reduced across data-parallel ranks in one collective;
-        the FP8 GEMMs then run with activations in bf16 around them. first_micro_batch: True
-        or False where an iteration has several micro-batches, so that weights are cast once
-        per iteration (MicroBatches); None casts them in every forward. measure_quant_error:
-        this micro-batch's casts, forward and backward, add to fp8_quant_error's sums."""
-        self.micro_batches.enter(first_micro_batch if torch.is_grad_enabled() else None, measure_quant_error)
-        if model is not None:
-            update_fp8_scales(model)
-        with torch.autocast(device_type=self.device_type, dtype=torch.bfloat16):
-            yield
-
-    def matmul(self, a, b):
-        return matmul(a, b, self.cpu_gemm)
-
-    def checkpoint(self, fn, *args):
-        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
-
-    def telemetry(self, model):
-        return fp8_telemetry(model)
-
-
-class TorchFP8Backend(EmulatedFP8Backend):
-    """The emulated backend's layers and scaling state, with real FP8 GEMMs (torch._scaled_mm):
-    fprop E4M3 x E4M3, dgrad and wgrad E5M2 x E4M3, bf16 output. On a CPU, where no kernel
-    is faster than an fp32 GEMM on the same values and some are far slower, only
-    cpu_gemm='native' calls torch._scaled_mm; otherwise its product is computed in fp32
-    (ScaledMMGemmInFP32), on the same float8 operands."""
-    name = "torch"
-
-    def fp8_gemm(self, cpu_gemm):
-        return ScaledMMGemm if self.device_type != "cpu" or cpu_gemm == "native" else ScaledMMGemmInFP32
 
 
 def _distributed():
@@ -724,13 +668,6 @@ def fp8_telemetry(model):
     }
 
 
-# What a measured step's FP8 casts lost, summed per GEMM and role over its micro-batches and ranks:
-# ||Q(x) - x||^2 and ||x||^2 (Q(x): the FP8 value times 1/scale, what the GEMM computes with), the
-# nonzero elements that became zero (flushed below E4M3's / E5M2's smallest subnormal), the nonzero
-# elements, the saturated elements (clipped to the format's maximum) and all elements.
-QUANT_ERROR_SUMS = ("error_sq", "x_sq", "flushed", "nonzero", "saturated", "elements")
-
-
 @torch.no_grad()
 def fp8_quant_error(model):
     """Per GEMM and role, over the casts of the steps measured since the last call (MicroBatches.
@@ -758,6 +695,103 @@ def fp8_quant_error(model):
 
 
 # ----------------------------------------------------------------------------------------
+# The backends: the FP8 layers (the bf16 ones with a scaling state and the FP8 GEMM), and the
+# objects make_backend returns, which hand model.py its layer classes.
+
+class FP8Linear(_FP8State, Linear):
+    def forward(self, x):
+        return _FP8LinearFunction.apply(x, self.weight, self.bias, self, self.training and torch.is_grad_enabled(),
+                                        output_dtype(x))
+
+
+class FP8LayerNormLinear(_FP8State, LayerNormLinear):
+    """LayerNorm in high precision, its output quantized as the GEMM input (TE's LayerNormLinear)."""
+
+    def forward(self, x):
+        return _FP8LinearFunction.apply(self.layer_norm(x), self.weight, self.bias, self,
+                                        self.training and torch.is_grad_enabled(), output_dtype(x))
+
+
+class BF16Backend:
+    name = "bf16"
+
+    def __init__(self, device_type="cpu", cpu_gemm="auto", compile=False):
+        self.device_type, self.compile = device_type, compile  # compile: the TWEO term's kernels (model.py)
+        self.cpu_gemm, self.cpu_gemm_why = choose_cpu_gemm(cpu_gemm, device_type)
+        self.Linear = functools.partial(Linear, cpu_gemm=self.cpu_gemm)
+        self.LayerNormLinear = functools.partial(LayerNormLinear, cpu_gemm=self.cpu_gemm)
+
+    def matmul(self, a, b):
+        return matmul(a, b, self.cpu_gemm)
+
+    def autocast(self, model=None, first_micro_batch=None, measure_quant_error=False):
+        return torch.autocast(device_type=self.device_type, dtype=torch.bfloat16)
+
+    def checkpoint(self, fn, *args):
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+
+    def telemetry(self, model):
+        return {}
+
+
+class EmulatedFP8Backend:
+    """Per-tensor FP8 layers with TE's scaling semantics. The GEMM (`fp8_gemm`) is the only
+    thing the 'emulated' and 'torch' backends do differently."""
+    name = "emulated"
+
+    def __init__(self, recipe="delayed", amax_history_len=16, amax_compute_algo="max", device_type="cpu",
+                 cpu_gemm="auto", compile=False):
+        self.recipe, self.device_type, self.compile = recipe, device_type, compile
+        self.cpu_gemm, self.cpu_gemm_why = choose_cpu_gemm(cpu_gemm, device_type)
+        gemm = self.fp8_gemm(cpu_gemm)
+        if gemm is ScaledMMGemmInFP32 and cpu_gemm == "auto":  # the run's first lines say where its FP8 GEMMs run
+            self.cpu_gemm_why += "; FP8 GEMMs as fp32 GEMMs on their float8 values (--cpu_gemm=native calls torch._scaled_mm)"
+        self.micro_batches = MicroBatches()
+        kw = dict(recipe=recipe, history_len=amax_history_len, compute_algo=amax_compute_algo, gemm=gemm,
+                  cast=cast_function(compile), micro_batches=self.micro_batches)
+        self.Linear = functools.partial(FP8Linear, **kw)
+        self.LayerNormLinear = functools.partial(FP8LayerNormLinear, **kw)
+
+    def fp8_gemm(self, cpu_gemm):
+        return EmulatedGemmInFP32 if self.cpu_gemm == "fp32" else EmulatedGemm
+
+    @contextlib.contextmanager
+    def autocast(self, model=None, first_micro_batch=None, measure_quant_error=False):
+        """Entering applies the amax recorded since the last entry (the previous micro-batch's
+        forward and backward), max-reduced across data-parallel ranks in one collective;
+        the FP8 GEMMs then run with activations in bf16 around them. first_micro_batch: True
+        or False where an iteration has several micro-batches, so that weights are cast once
+        per iteration (MicroBatches); None casts them in every forward. measure_quant_error:
+        this micro-batch's casts, forward and backward, add to fp8_quant_error's sums."""
+        self.micro_batches.enter(first_micro_batch if torch.is_grad_enabled() else None, measure_quant_error)
+        if model is not None:
+            update_fp8_scales(model)
+        with torch.autocast(device_type=self.device_type, dtype=torch.bfloat16):
+            yield
+
+    def matmul(self, a, b):
+        return matmul(a, b, self.cpu_gemm)
+
+    def checkpoint(self, fn, *args):
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+
+    def telemetry(self, model):
+        return fp8_telemetry(model)
+
+
+class TorchFP8Backend(EmulatedFP8Backend):
+    """The emulated backend's layers and scaling state, with real FP8 GEMMs (torch._scaled_mm):
+    fprop E4M3 x E4M3, dgrad and wgrad E5M2 x E4M3, bf16 output. On a CPU, where no kernel
+    is faster than an fp32 GEMM on the same values and some are far slower, only
+    cpu_gemm='native' calls torch._scaled_mm; otherwise its product is computed in fp32
+    (ScaledMMGemmInFP32), on the same float8 operands."""
+    name = "torch"
+
+    def fp8_gemm(self, cpu_gemm):
+        return ScaledMMGemm if self.device_type != "cpu" or cpu_gemm == "native" else ScaledMMGemmInFP32
+
+
+# ----------------------------------------------------------------------------------------
 # Transformer Engine. Every Linear and LayerNorm, the final LN and the LM head included,
 # runs under FP8. Imported only when chosen, so CPU machines never need it.
 #
@@ -771,7 +805,6 @@ def fp8_quant_error(model):
 # scales and histories travel as plain tensors (te_fp8_state / load_te_fp8_state).
 
 TE_ROLE_SLOTS = (("scaling_fwd", 0), ("scaling_fwd", 1), ("scaling_bwd", 0))  # ROLES in TE's meta
-ROLE_MAXES = tuple(fp8_max(d) for d in ROLE_DTYPES)
 
 
 def te_fp8_modules(model):
@@ -984,6 +1017,9 @@ def te_available():
     except Exception as e:  # ImportError, or a broken install raising anything else
         return False, f"transformer_engine not usable ({type(e).__name__}: {e})"
 
+
+# ----------------------------------------------------------------------------------------
+# Choosing a backend.
 
 FP8_BACKENDS = ("auto", "te", "torch", "emulated")
 

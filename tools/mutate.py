@@ -89,7 +89,10 @@ def mutants(source, functions):
 
 def run_tests(repo, test_file, timeout):
     """True when the tests pass within the timeout."""
-    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")  # a stale .pyc must never stand in for a mutant
+    # a stale .pyc must never stand in for a mutant; and the copy's modules, not those that the
+    # editable install in the linked .venv points to, must be the ones imported (scripts in bench/ too)
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1",
+               PYTHONPATH=os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p))
     p = subprocess.Popen([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", test_file],
                          cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          start_new_session=True)
