@@ -1,0 +1,98 @@
+"""
+Why static per-tensor 4-bit activations break the miniature TWEO models when every GEMM input is
+quantized together (A4(T) +278%) though no single input costs more than +3.6% (results/mini.md,
+issue 21). For one run, with bench/ptq.py's calibration and fake quantization:
+
+  - the val PPL with groups of GEMM inputs quantized: attention's (QKV, attention out), the MLP's
+    (fc and fc proj, then each alone), the LM head's, and the GEMM inputs of blocks 0..k for every k;
+  - with all of them quantized, the fraction of each site's values beyond its calibrated max|X|
+    (clipped by the static scale): an upstream error that pushes values past the calibrated range;
+  - all of them with the static scales widened (x1.5, x2): if clipping is the failure, headroom
+    recovers the PPL; if rounding noise is, it makes things worse.
+
+    python results/mini/analysis/compound.py --out_dir=out/mini21/mini_bf16_tweo [--bits=4] [--eval_iters=16] [--json]
+"""
+import json
+import sys
+
+import data as D
+from bench.eval import LOAD_DEFAULTS, evaluate, load
+from bench.ptq import calibrate, fake_quant, on_activations, quantized
+from configurator import configure_or_exit, fail
+
+
+def ppl(ev, transform=None, label="BF16"):
+    return evaluate(ev.model, ev.val_data, ev.offsets, ev.block_size, ev.micro_batch_size, ev.backend,
+                    transform=transform, stats=False, progress=label)["val_ppl"]
+
+
+def clipped_fractions(ev, amax, bits, sites):
+    """With every site in `sites` quantized per tensor (static scale), the fraction of each one's
+    values (over the val windows) whose magnitude exceeds its calibrated max|X|."""
+    counts = {s: [0, 0] for s in sites}
+
+    def fn(name, x):
+        if name not in sites:
+            return x
+        a = amax[name].max()
+        counts[name][0] += int((x.detach().abs().float() > a).sum())
+        counts[name][1] += x.numel()
+        return fake_quant(x, bits, "tensor", a)
+
+    undo = on_activations(ev.model, fn)
+    try:
+        ppl(ev, label="counting clipped values")
+    finally:
+        for u in undo:
+            u()
+    return {s: c / n for s, (c, n) in counts.items()}
+
+
+def main(argv):
+    cfg = configure_or_exit(dict({k: v for k, v in LOAD_DEFAULTS.items() if k not in ("hf", "precision")},
+                                 bits=4, calib_windows=32, json=False), argv)
+    if not 2 <= cfg["bits"] <= 16 or cfg["calib_windows"] < 1:
+        fail("--bits must be in 2..16 and --calib_windows >= 1")
+    ev = load(**{k: cfg[k] for k in LOAD_DEFAULTS if k in cfg and k != "precision"}, precision="bf16")
+    try:
+        ev.train_data = D.open_split(ev.data_dir, "train", ev.block_size)
+    except D.DataError as e:
+        fail(f"calibration needs the training split: {e}")
+    bits = cfg["bits"]
+    amax = calibrate(ev.model, ev, D.train_offsets(ev.run["seed"], 0, cfg["calib_windows"], len(ev.train_data), ev.block_size))
+    gemm_sites = [s for s in amax if not s.startswith("h.")]  # h.N.input / h.N.output: the residual stream
+    n_layer = ev.model.config.n_layer
+    in_block = lambda s, i: s.startswith(f"transformer.h.{i}.")  # noqa: E731
+    groups = {"attention": [s for s in gemm_sites if ".attn." in s], "mlp": [s for s in gemm_sites if ".mlp." in s],
+              "mlp fc (after ln_2)": [s for s in gemm_sites if s.endswith(".mlp.c_fc")],
+              "mlp proj (after the GELU)": [s for s in gemm_sites if s.endswith(".mlp.c_proj")],
+              "lm_head": [s for s in gemm_sites if not s.startswith("transformer.h.")],
+              **{f"blocks 0..{k}": [s for s in gemm_sites if any(in_block(s, i) for i in range(k + 1))]
+                 for k in range(n_layer)},
+              "all": gemm_sites}
+    print(f"{ev.name}: {len(ev.offsets)} val windows, {cfg['calib_windows']} calibration windows, "
+          f"{bits}-bit static per-tensor activations", flush=True)
+    bf16 = ppl(ev)
+    print(f"{'group':<28} {'sites':>5} {'val PPL':>9} {'change':>9}\n{'BF16':<28} {'':>5} {bf16:>9.3f}", flush=True)
+    result = {"model": ev.name, "BF16": bf16, "groups": {}, "headroom": {}}
+    for name, sites in groups.items():
+        p = ppl(ev, lambda m, sites=set(sites): quantized(m, bits, None, "tensor", False, amax, sites), name)
+        result["groups"][name] = p
+        print(f"{name:<28} {len(sites):>5} {p:>9.3f} {100 * (p / bf16 - 1):>+8.1f}%", flush=True)
+    for factor in (1.5, 2.0):
+        wide = {s: a * factor for s, a in amax.items()}
+        p = ppl(ev, lambda m: quantized(m, bits, None, "tensor", False, wide, set(gemm_sites)), f"x{factor:g}")
+        result["headroom"][f"{factor:g}"] = p
+        print(f"{f'all, scales x{factor:g}':<28} {len(gemm_sites):>5} {p:>9.3f} {100 * (p / bf16 - 1):>+8.1f}%", flush=True)
+    clipped = clipped_fractions(ev, amax, bits, set(gemm_sites))
+    result["clipped"] = clipped
+    print("\nall quantized: the fraction of each GEMM input's values beyond its calibrated max|X|")
+    for s in gemm_sites:
+        print(f"{s:<32} {clipped[s]:.2e}")
+    if cfg["json"]:
+        print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
