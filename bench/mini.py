@@ -8,11 +8,12 @@ four modes into out/mini_figures. A finished run is skipped on rerun, an interru
 from its last checkpoint. Results and their commands: results/mini.md.
 
     python prepare_openwebtext.py --stdlib --compact_vocab
-    python bench/mini.py [--only=modes,invasive,ablations,probes] [--seeds=1337,2,3] [--parallel=2] [--train=False]
+    python bench/mini.py [--only=modes,invasive,ablations,probes,dose] [--seeds=1337,2,3] [--parallel=2] [--train=False]
                          [--figures=True] [--runs_dir=out] [--data_dir=data/stdlib] [--max_iters=600] [--eval_windows=480]
 
 --only picks the groups to train (default: the first three, the paper's tables; `probes` adds
-a 1-step amax history); the tables hold every run already in runs_dir. --seeds trains each run
+a 1-step amax history, `dose` the mini at d_model 256 and 384 in BF16 and FP8); the tables
+hold every run already in runs_dir. --seeds trains each run
 with each seed: seed 1337 in out/<run>, another in out/<run>_seed<N>; the tables give a cell of
 several seeds as mean ± sd, and Table 2 the paired per-seed gaps to BF16.
 --parallel=N trains N runs at once, each with its share of the cores and its output in
@@ -54,8 +55,12 @@ RUNS = {
     # not part of the paper's tables, and not run unless asked for (--only=probes): does a 1-step amax
     # history (a sensitivity probe only) fail?
     "mini_fp8_amax_history1": ("probes", "mini_fp8", ["--fp8_amax_history_len=1"]),
+    # --only=dose: toward the paper's sizes, where naive FP8 fails, wider models in both precisions
+    # (heads of 64, as the mini's); the FP8 - BF16 gap against the peak
+    **{f"mini_{mode}_d{d}": ("dose", f"mini_{mode}", [f"--n_embd={d}", f"--n_head={d // 64}"])
+       for d in (256, 384) for mode in ("bf16", "fp8")},
 }
-GROUPS = ("modes", "invasive", "ablations", "probes")
+GROUPS = ("modes", "invasive", "ablations", "probes", "dose")
 DEFAULTS = {"only": "modes,invasive,ablations", "parallel": 1, "train": True, "figures": True, "runs_dir": "out",
             "data_dir": os.path.join("data", "stdlib"), "max_iters": 600,  # 600: configs/sizes/mini.py
             "seeds": "1337", "eval_windows": 480}  # 480: configs/sizes/mini.py
@@ -157,6 +162,10 @@ def main(argv):
     if "ablations" in group.values():
         print("\n== Supplementary Tables 2 and 3, in miniature: python bench/ablation.py " + " ".join(ablation_runs))
         ablation(ablation_runs)
+    dose_runs = [d for n, d in present.items() if group[n] == "dose"]
+    if dose_runs:
+        print("\n== Wider models (dose-response): python bench/table2.py " + " ".join(dose_runs))
+        table2(dose_runs)
     if "mini_fp8_amax_history1" in present and "mini_bf16" in present:
         probe = [present["mini_bf16"], present["mini_fp8_amax_history1"]]
         print("\n== Probe: naive FP8 with amax_history_len=1 (FP8 column) against BF16: python bench/table2.py " + " ".join(probe))
