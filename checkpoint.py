@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from configurator import write_atomically
 from model import GPTConfig
 from precision import load_te_fp8_state, te_fp8_state
 
@@ -27,12 +28,6 @@ from precision import load_te_fp8_state, te_fp8_state
 def read_pointer(path):
     with open(path) as f:
         return f.read().strip()
-
-
-def write_atomic(path, text):
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 def torch_save_atomic(obj, path):
@@ -145,7 +140,7 @@ class Checkpoints:
                 os.replace(path, path + ".old")
                 for p in ("latest", "best"):
                     if os.path.exists(os.path.join(self.dir, p)) and read_pointer(os.path.join(self.dir, p)) == tag:
-                        write_atomic(os.path.join(self.dir, p), tag + ".old")
+                        write_atomically(os.path.join(self.dir, p), tag + ".old")
             else:
                 shutil.rmtree(path)  # left by an interrupted save
         client_state = {**client_state, **self.meta, "fp8_te_state": te_fp8_state(self.model)}
@@ -160,7 +155,7 @@ class Checkpoints:
         if self.master:  # commit: the pointer, then the model file
             pointer_path = os.path.join(self.dir, pointer)
             old = read_pointer(pointer_path) if os.path.exists(pointer_path) else None
-            self.try_write(write_atomic, pointer_path, tag)
+            self.try_write(write_atomically, pointer_path, tag)
             model_file.update(iter=client_state["iter"], val_loss=client_state.get("val_loss"))
             self.try_write(torch_save_atomic, model_file, self.model_file(pointer))
         self.stop_if_a_write_failed(tag, pointer)

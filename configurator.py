@@ -170,3 +170,16 @@ def declared_keys(path):
         elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
             keys.append((section, node.targets[0].id, ast.get_source_segment(block, node.value), comments.get(lineno, "")))
     return keys
+
+
+def write_atomically(path, data):
+    """Write bytes (or text, as UTF-8) to path, its directory made if needed, through a temporary
+    file renamed into place: an interrupted write leaves no half file where a whole one is expected."""
+    if isinstance(data, str):
+        data = data.encode()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the name says it is whole (a power cut, not just a kill)
+    os.replace(path + ".tmp", path)

@@ -29,7 +29,7 @@ import tempfile
 
 import numpy as np
 
-from configurator import fail, on_terminal, progress_bar, writable_dir
+from configurator import fail, on_terminal, progress_bar, writable_dir, write_atomically
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 EOT = 50256
@@ -88,17 +88,6 @@ def fetch_tokenizer():
         fail(f"the gpt2.tiktoken in {WHISPER_SDIST} does not have the expected sha256 {GPT2_RANKS_SHA256}")
     write_atomically(GPT2_RANKS_FILE, data)
     print(f"GPT-2 ranks (sha256 {GPT2_RANKS_SHA256[:8]}…) written to {GPT2_RANKS_FILE}")
-
-
-def write_atomically(path, data):
-    """Write bytes to path (its directory made if needed) through a temporary file renamed into
-    place: an interrupted write leaves no half file where a whole one is expected."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the name says it is whole (a power cut, not just a kill)
-    os.replace(path + ".tmp", path)
 
 
 # ----------------------------------------------------------------------------------------

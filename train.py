@@ -25,7 +25,7 @@ import sys
 import time
 import warnings
 
-from configurator import configure_or_exit, first_violation, one_of, writable_dir
+from configurator import configure_or_exit, first_violation, one_of, writable_dir, write_atomically
 from run_lock import LockHeld, RunLock
 
 # -----------------------------------------------------------------------------
@@ -209,7 +209,7 @@ import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import data as D  # noqa: E402
-from checkpoint import Checkpoints, convert_to_universal, model_change, resume_point, write_atomic  # noqa: E402
+from checkpoint import Checkpoints, convert_to_universal, model_change, resume_point  # noqa: E402
 from model import GPT, GPTConfig, record_activations, summarize_moments  # noqa: E402
 from precision import fp8_quant_error, fp8_shape_error, keep_fp8_state_fp32, make_backend  # noqa: E402
 from runlog import RunLog  # noqa: E402
@@ -401,7 +401,7 @@ elif init_from == "resume":
     log({"iter": 0, "event": "resume", "tag": None, "world_size": world_size, "gemm_path": cpu_gemm_path})
 elif master:
     os.makedirs(out_dir, exist_ok=True)
-    write_atomic(run_json, json.dumps({"config": config, "model_args": model_args, "world_size": world_size,
+    write_atomically(run_json, json.dumps({"config": config, "model_args": model_args, "world_size": world_size,
                                        "gemm_path": cpu_gemm_path}, indent=2))
 
 n_params = raw_model.get_num_params(non_embedding=False)

@@ -25,9 +25,9 @@ import json
 import os
 import sys
 
-from configurator import configure_or_exit, fail, writable_dir
+from configurator import configure_or_exit, fail, writable_dir, write_atomically
 from model import CheckpointError, hf_gpt2_names, load_hf, load_trained
-from prepare_openwebtext import EOT, GPT2_VOCAB_SIZE, gpt2_tokenizer, write_atomically
+from prepare_openwebtext import EOT, GPT2_VOCAB_SIZE, gpt2_tokenizer
 
 DEFAULTS = dict(out_dir="out", hf="", ckpt="last", to="", overwrite=False)
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 
 from bench.eval import LOAD_DEFAULTS, load_model
 from bench.export_hf import read_run_json, run_vocabulary
-from configurator import configure_or_exit, fail, first_violation, progress_bar, writable_file
-from prepare_openwebtext import GPT2_VOCAB_SIZE, gpt2_tokenizer, write_atomically
+from configurator import configure_or_exit, fail, first_violation, progress_bar, writable_file, write_atomically
+from prepare_openwebtext import GPT2_VOCAB_SIZE, gpt2_tokenizer
 
 OFFICIAL_PATH = os.path.join("data", "hellaswag", "hellaswag_val.jsonl")
 OFFICIAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"

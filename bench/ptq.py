@@ -175,18 +175,27 @@ def settings(bits):
             f"{w}(C){a}(T)": ("channel", "tensor"), f"{w}(C){a}(K)": ("channel", "token")}
 
 
+def calibration_offsets(ev, windows):
+    """The training windows the static scales are calibrated on, picked by the run's seed."""
+    return D.train_offsets(ev.run["seed"], 0, windows, len(ev.train_data), ev.block_size)
+
+
+def val_ppl(ev, transform=None, label="BF16", model=None):
+    """The val PPL of ev's model (or `model`) on ev's val windows, after transform (bench/eval.py)."""
+    return evaluate(ev.model if model is None else model, ev.val_data, ev.offsets, ev.block_size, ev.micro_batch_size,
+                    ev.backend, transform=transform, stats=False, progress=label)["val_ppl"]
+
+
 def ptq_table(ev, bits=8, calib_windows=32, residual=False, smoothquant_alpha=0.0, log=None):
     """{setting: val PPL} for one loaded model (bench/eval.load)."""
     model = ev.model
-    offsets = D.train_offsets(ev.run["seed"], 0, calib_windows, len(ev.train_data), ev.block_size)
+    offsets = calibration_offsets(ev, calib_windows)
     amax = calibrate(model, ev, offsets)
 
     def ppl(m, weights=None, acts=None, res=residual, scales=amax):
         transform = None if weights is acts is None else (
             lambda m: quantized(m, bits, weights, acts, res, scales))
-        label = f"W({weights or '-'}) A({acts or '-'}){' +Res' if res else ''}"
-        return evaluate(m, ev.val_data, ev.offsets, ev.block_size, ev.micro_batch_size, ev.backend,
-                        transform=transform, stats=False, progress=label)["val_ppl"]
+        return val_ppl(ev, transform, f"W({weights or '-'}) A({acts or '-'}){' +Res' if res else ''}", m)
 
     table = {}
     for name, (w, a) in settings(bits).items():
@@ -208,15 +217,10 @@ def site_table(ev, bits=4, calib_windows=32, log=None):
     """(BF16 val PPL, {site: row}): for every activation site, its calibrated max|X| (`amax`), the
     median over its channels of their max|X| (`median_channel`), and the val PPL with that site
     alone quantized per tensor with its static scale (`ppl`, and `change` against BF16)."""
-    model = ev.model
-    amax = calibrate(model, ev, D.train_offsets(ev.run["seed"], 0, calib_windows, len(ev.train_data), ev.block_size))
-
-    def ppl(transform=None, label="BF16"):
-        return evaluate(model, ev.val_data, ev.offsets, ev.block_size, ev.micro_batch_size, ev.backend,
-                        transform=transform, stats=False, progress=label)["val_ppl"]
-    bf16, rows = ppl(), {}
+    amax = calibrate(ev.model, ev, calibration_offsets(ev, calib_windows))
+    bf16, rows = val_ppl(ev), {}
     for site, channels in amax.items():
-        p = ppl(lambda m, site=site: quantized(m, bits, None, "tensor", True, amax, {site}), site)
+        p = val_ppl(ev, lambda m, site=site: quantized(m, bits, None, "tensor", True, amax, {site}), site)
         rows[site] = dict(amax=channels.max().item(), median_channel=channels.median().item(), ppl=p, change=p / bf16 - 1)
         if log:
             r = rows[site]

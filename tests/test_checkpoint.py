@@ -4,7 +4,8 @@ resumes are checked on real DeepSpeed runs in tests/test_train.py."""
 import json
 import os
 
-from checkpoint import model_change, resume_point, write_atomic
+from checkpoint import model_change, resume_point
+from configurator import write_atomically
 from model import GPTConfig
 
 
@@ -12,7 +13,7 @@ def test_resume_point(tmp_path):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     assert resume_point(str(ckpt)) == (None, None)  # stopped before its first checkpoint
-    write_atomic(str(ckpt / "latest"), "iter_0000008")
+    write_atomically(str(ckpt / "latest"), "iter_0000008")
     assert resume_point(str(ckpt)) == ("iter_0000008", 0)  # names a tag that is not there
     tag = ckpt / "iter_0000008"
     tag.mkdir()

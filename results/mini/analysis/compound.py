@@ -21,14 +21,9 @@ import sys
 import torch
 
 import data as D
-from bench.eval import LOAD_DEFAULTS, evaluate, load
-from bench.ptq import calibrate, fake_quant, on_activations, quantized
+from bench.eval import LOAD_DEFAULTS, load
+from bench.ptq import calibrate, calibration_offsets, fake_quant, on_activations, quantized, val_ppl as ppl
 from configurator import configure_or_exit, fail
-
-
-def ppl(ev, transform=None, label="BF16"):
-    return evaluate(ev.model, ev.val_data, ev.offsets, ev.block_size, ev.micro_batch_size, ev.backend,
-                    transform=transform, stats=False, progress=label)["val_ppl"]
 
 
 def site_fractions(ev, amax, bits, sites):
@@ -85,7 +80,7 @@ def main(argv):
     except D.DataError as e:
         fail(f"calibration needs the training split: {e}")
     bits = cfg["bits"]
-    amax = calibrate(ev.model, ev, D.train_offsets(ev.run["seed"], 0, cfg["calib_windows"], len(ev.train_data), ev.block_size))
+    amax = calibrate(ev.model, ev, calibration_offsets(ev, cfg["calib_windows"]))
     gemm_sites = [s for s in amax if not s.startswith("h.")]  # h.N.input / h.N.output: the residual stream
     n_layer = ev.model.config.n_layer
     in_block = lambda s, i: s.startswith(f"transformer.h.{i}.")  # noqa: E731
