@@ -402,7 +402,7 @@ elif init_from == "resume":
 elif master:
     os.makedirs(out_dir, exist_ok=True)
     write_atomically(run_json, json.dumps({"config": config, "model_args": model_args, "world_size": world_size,
-                                       "gemm_path": cpu_gemm_path}, indent=2))
+                                          "gemm_path": cpu_gemm_path}, indent=2))
 
 n_params = raw_model.get_num_params(non_embedding=False)
 if master:
