@@ -96,7 +96,9 @@ def choose_cpu_gemm(cpu_gemm="auto", device_type="cpu", native_bf16=None):
 
 
 def gemm_dtype(x):
-    """The dtype a GEMM on x runs in: the autocast dtype inside autocast, else x's own."""
+    """The dtype a GEMM on x runs in, and the one an FP8 layer returns: the autocast dtype inside
+    autocast, else x's own (TE's rule; CUDA autocast runs layer_norm in fp32, which must not leak
+    into the residual stream)."""
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
@@ -382,14 +384,6 @@ class ScaledMMGemmInFP32(ScaledMMGemm):
         if error:
             raise ValueError(f"FP8 GEMM {tuple(a.shape)} @ {tuple(b.shape)}: {error}")
         return EmulatedGemmInFP32.mm(a, b, a_inv, b_inv, torch.bfloat16, bias).to(out_dtype)
-
-
-def output_dtype(x):
-    """The dtype an FP8 layer returns: the autocast dtype inside autocast (TE's rule; CUDA
-    autocast runs layer_norm in fp32, which must not leak into the residual stream)."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
 
 
 class _FP8LinearFunction(torch.autograd.Function):
@@ -701,7 +695,7 @@ def fp8_quant_error(model):
 class FP8Linear(_FP8State, Linear):
     def forward(self, x):
         return _FP8LinearFunction.apply(x, self.weight, self.bias, self, self.training and torch.is_grad_enabled(),
-                                        output_dtype(x))
+                                        gemm_dtype(x))
 
 
 class FP8LayerNormLinear(_FP8State, LayerNormLinear):
@@ -709,7 +703,7 @@ class FP8LayerNormLinear(_FP8State, LayerNormLinear):
 
     def forward(self, x):
         return _FP8LinearFunction.apply(self.layer_norm(x), self.weight, self.bias, self,
-                                        self.training and torch.is_grad_enabled(), output_dtype(x))
+                                        self.training and torch.is_grad_enabled(), gemm_dtype(x))
 
 
 class BF16Backend:

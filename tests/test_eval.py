@@ -13,7 +13,6 @@ import torch
 from conftest import REPO, metrics, train
 
 
-
 def run_eval(*args):
     r = subprocess.run([sys.executable, "bench/eval.py", *args, "--json"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr

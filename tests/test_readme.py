@@ -8,8 +8,8 @@ import sys
 
 from conftest import REPO
 
-from tools import config_table
 from configurator import declared_keys
+from tools import config_table
 
 
 def readme():
