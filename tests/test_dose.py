@@ -54,6 +54,7 @@ def test_gaps_peaks_and_flushed_fractions_by_width_and_seed(tmp_path, capsys):
     ("twice", "are both bf16 at d_model 64, seed 1"),
     ("tweo", "plain BF16 and FP8 runs"),
     ("unfinished", "unfinished (iteration 20 of 40)"),
+    ("schedules", "trained 20 and 10 steps"),
 ])
 def test_what_cannot_be_paired_is_one_line_and_exit_2(tmp_path, capsys, case, expect):
     dirs = [run(tmp_path, "bf16", 64, 1, (40, 20))]
@@ -63,6 +64,8 @@ def test_what_cannot_be_paired_is_one_line_and_exit_2(tmp_path, capsys, case, ex
         dirs.append(run(tmp_path, "fp8", 64, 1, (40, 20), tweo_lambda=0.01))
     if case == "unfinished":
         dirs.append(run(tmp_path, "fp8", 64, 1, (40, 20), max_iters=40))
+    if case == "schedules":
+        dirs.append(run(tmp_path, "fp8", 64, 1, (40, 20), max_iters=10))
     assert expect in refused(capsys, module.main, *dirs, f"--png={tmp_path / 'x.png'}")
     assert not os.path.exists(tmp_path / "x.png")
 

@@ -57,6 +57,10 @@ def pairs(summaries):
     alone = [p[next(iter(p))]["out_dir"] for p in out.values() if len(p) != 2]
     if alone:
         fail(f"{', '.join(alone)}: no run of the other precision at the same d_model and seed")
+    for p in out.values():  # a gap between schedules of different lengths would not be a cost of FP8
+        if p["bf16"]["max_iters"] != p["fp8"]["max_iters"]:
+            fail(f"{p['bf16']['out_dir']} and {p['fp8']['out_dir']} trained {p['bf16']['max_iters']} and "
+                 f"{p['fp8']['max_iters']} steps; pair runs of one schedule")
     return out
 
 
