@@ -26,7 +26,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from bench.plots import log_y
+from bench.plots import log_y, quant_error_records
 from bench.runs import format_params, latest_by_iter, markdown, parse_args
 from configurator import fail, writable_dir
 
@@ -34,10 +34,11 @@ USAGE = "python results/mini/analysis/dose.py RUN_DIR [RUN_DIR ...] [--png=FILE]
 ROLES = {"gradients": ("grad_output",), "forward inputs": ("input",)}
 
 
-def largest_flushed(rows, roles):
+def largest_flushed(s, rows, roles):
     """The largest fraction of a tensor's nonzero elements flushed to zero, over every GEMM and
-    measured step, among the casts of `roles`."""
-    return max((q[role]["flushed"] for r in rows for q in r.get("fp8_quant_error", {}).values()
+    measured step before any collapse, among the casts of `roles`."""
+    _, records = quant_error_records(s, rows)
+    return max((q[role]["flushed"] for record in records for q in record.values()
                 for role in roles if role in q), default=math.nan)
 
 
@@ -80,7 +81,7 @@ def measure(paired):
         rows.append(dict(d=d, seed=seed, params=p["bf16"]["params"], layers=p["bf16"]["model_args"]["n_layer"],
                          steps=p["bf16"]["max_iters"], peak=p["bf16"]["peak"], ppl_bf16=p["bf16"]["ppl"],
                          ppl_fp8=p["fp8"]["ppl"], gap=end, worst=worst, worst_iter=worst_iter,
-                         **{role: largest_flushed(p["fp8"]["rows"], names) for role, names in ROLES.items()}))
+                         **{role: largest_flushed(p["fp8"], p["fp8"]["rows"], names) for role, names in ROLES.items()}))
     return rows
 
 
