@@ -207,7 +207,7 @@ def amax_of(x):
     """max |x| in fp32, skipping NaN elements as TE's amax kernel does (fmaxf ignores a NaN
     operand), so one NaN cannot freeze a scale."""
     x = x.detach().float()
-    return torch.where(torch.isnan(x), 0.0, x.abs()).amax()
+    return torch.where(x != x, 0.0, x.abs()).amax()  # x != x: isnan, as a compare inductor's CPU code vectorizes
 
 
 def current_scale(amax, limit):
@@ -224,7 +224,8 @@ def cast_to_fp8(x, scales, role: int, fp8_dtype: torch.dtype, current_scaling: b
     Returns (fp8 tensor, amax, number of saturated elements, scale); with wide_dtype the FP8
     values come in that dtype (exact: the emulated GEMM's operands, without a second pass).
     cast_function(True) is this function compiled (one fused pass); both give the same bits,
-    NaNs included."""
+    NaNs included, but for a NaN widened to bf16 (0x7fc0 eager, 0xffff compiled: any NaN is
+    one to a GEMM)."""
     limit = torch.finfo(fp8_dtype).max
     x = x.detach().float()  # once: amax_of's own conversion is then a no-op
     amax = amax_of(x)
@@ -232,9 +233,35 @@ def cast_to_fp8(x, scales, role: int, fp8_dtype: torch.dtype, current_scaling: b
     y = x * scale
     saturated = (y.abs() > limit).sum()
     y = y.clamp(-limit, limit)
+    nan = y != y
+    # The emulation's operands need the FP8 values, not FP8 bytes. Compiled for a CPU, a float8
+    # conversion is a scalar loop (the whole cast 2.6x slower than with round_to_fp8_grid); eager,
+    # it is a vector kernel, where the arithmetic would take ten passes. Both give the same values.
+    on_grid = wide_dtype is not None and torch.compiler.is_compiling()
+    if on_grid:
+        y = round_to_fp8_grid(y, fp8_dtype)
     # one NaN for every NaN: eager keeps the input's sign bit, inductor's clamp may not
-    y = torch.where(torch.isnan(y), torch.full_like(y, float("nan")), y).to(fp8_dtype)
+    y = torch.where(nan, torch.full_like(y, float("nan")), y)
+    y = y if on_grid else y.to(fp8_dtype)
     return (y if wide_dtype is None else y.to(wide_dtype)), amax, saturated, scale
+
+
+FP8_GRID = {E4M3: (3, -6), E5M2: (2, -14)}  # mantissa bits, exponent of the smallest normal value
+
+
+def round_to_fp8_grid(y, fp8_dtype):
+    """fp32 y, within the format's range, rounded to the nearest value of fp8_dtype, ties to even,
+    in fp32: y.to(fp8_dtype).float() in integer and float arithmetic. Normal values round on
+    their fp32 bits to the format's mantissa width (a carry into the exponent is the next
+    binade, as it should be); below the smallest normal value the format's step is fixed,
+    2^(emin - mantissa bits), and torch.round rounds half to even. NaN inputs give garbage."""
+    mantissa, emin = FP8_GRID[fp8_dtype]
+    dropped = 23 - mantissa
+    bits = y.view(torch.int32)
+    half_minus_one_plus_odd = (1 << (dropped - 1)) - 1 + ((bits >> dropped) & 1)
+    normal = ((bits + half_minus_one_plus_odd) & ~((1 << dropped) - 1)).view(torch.float32)
+    subnormal = torch.round(y * 2.0 ** (mantissa - emin)) * 2.0 ** (emin - mantissa)
+    return torch.where(y.abs() < 2.0 ** emin, subnormal, normal)
 
 
 @functools.cache

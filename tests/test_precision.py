@@ -15,7 +15,7 @@ from precision import (E4M3, E5M2, ROLE_DTYPES, ROLES, TE_ROLE_SLOTS, EmulatedGe
                        FP8Linear, FP8ScalingState, LayerNormLinear, Linear, MicroBatches, SaturationCounter, ScaledMMGemm,
                        ScaledMMGemmInFP32, TransformerEngineBackend, _te_layer, amax_of, cast_function, cast_to_fp8,
                        choose_cpu_gemm, choose_fp8_backend, dequantize, fp8_layers, fp8_quant_error, fp8_shape_error, fp8_telemetry,
-                       keep_fp8_state_fp32, load_te_fp8_state, make_backend, matmul, quantize, scaled_mm_error,
+                       keep_fp8_state_fp32, load_te_fp8_state, make_backend, matmul, quantize, round_to_fp8_grid, scaled_mm_error,
                        te_available, te_fp8_state, update_fp8_scales)
 
 
@@ -1118,12 +1118,35 @@ def test_layers_are_views_of_one_stacked_state_that_survives_checkpoints_and_cas
     assert FP8ScalingState.of(model).stacked["fp8_scale"][-1].tolist() == [2.0] * 3
 
 
+@pytest.mark.parametrize("fp8_dtype", [E4M3, E5M2])
+def test_rounding_to_the_fp8_grid_is_torchs_conversion(fp8_dtype):
+    """round_to_fp8_grid (the compiled emulation's cast) against torch's float8 conversion on
+    every 9973rd fp32 bit pattern (both signs, zeros, fp32 subnormals, every binade), a million
+    values spread over 2^±40, and each midpoint between neighbouring FP8 values (the ties) with
+    the fp32 values just either side of it: the same fp32 bits, -0.0 included."""
+    limit = torch.finfo(fp8_dtype).max
+    patterns = torch.arange(-2**31, 2**31, 9973, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    torch.manual_seed(0)
+    spread = torch.randn(1_000_000) * torch.exp(torch.randn(1_000_000) * 9)
+    grid = torch.arange(256, dtype=torch.uint8).view(fp8_dtype).float()
+    grid = grid[torch.isfinite(grid)].unique()
+    ties = (grid[1:] + grid[:-1]) / 2
+    near = torch.cat([ties, torch.nextafter(ties, -ties.abs() - 1), torch.nextafter(ties, ties.abs() + 1)])
+    assert (ties * 2 == grid[1:] + grid[:-1]).all()  # exact midpoints, so the rounding rule decides
+    for name, y in {"bit patterns": patterns, "spread": spread, "ties": near}.items():
+        y = y[torch.isfinite(y)].clamp(-limit, limit)
+        ours, torchs = round_to_fp8_grid(y, fp8_dtype), y.to(fp8_dtype).float()
+        assert torch.equal(ours.view(torch.int32), torchs.view(torch.int32)), name
+    assert patterns.numel() > 400_000 and (near == 0).sum() == 0 and near.numel() > 700
+
+
 @pytest.mark.parametrize("role,dtype,recipe", [(0, torch.bfloat16, "delayed"), (1, torch.float32, "delayed"),
                                                (2, torch.bfloat16, "delayed"), (0, torch.bfloat16, "current")])
 def test_the_compiled_cast_gives_the_eager_bits(role, dtype, recipe):
     """cast_function(True) is torch.compile of cast_to_fp8; both, on every role's dtype and both
     recipes, on tensors with NaN, inf, zeros, values past the format's maximum and below its
-    smallest subnormal: the same FP8 bits (widened or not), amax, saturation count and scale."""
+    smallest subnormal: the same FP8 bits (widened to bf16 and fp32, the emulation's operands,
+    by another computation when compiled), amax, saturation count and scale."""
     fp8_dtype = ROLE_DTYPES[role]
     limit = torch.finfo(fp8_dtype).max
     torch.manual_seed(role)
@@ -1136,11 +1159,17 @@ def test_the_compiled_cast_gives_the_eager_bits(role, dtype, recipe):
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
         for name, x in cases.items():
             x = x.to(dtype)
-            for wide in (None, torch.bfloat16):
+            for wide in (None, torch.bfloat16, torch.float32):
                 a = eager(x, scales, role, fp8_dtype, recipe == "current", wide)
                 b = compiled(x, scales, role, fp8_dtype, recipe == "current", wide)
-                bits = (lambda q: q.view(torch.uint8)) if wide is None else (lambda q: q.view(torch.int16))
-                assert a[0].dtype == b[0].dtype and torch.equal(bits(a[0]), bits(b[0])), (name, wide)
+                assert a[0].dtype == b[0].dtype, (name, wide)
+                if wide is None:
+                    assert torch.equal(a[0].view(torch.uint8), b[0].view(torch.uint8)), name
+                else:  # a widened NaN is a NaN in the same place; any other value has the same bits
+                    bits = torch.int16 if wide == torch.bfloat16 else torch.int32
+                    nan = a[0].isnan()
+                    assert torch.equal(nan, b[0].isnan()), (name, wide)
+                    assert torch.equal(a[0][~nan].view(bits), b[0][~nan].view(bits)), (name, wide)
                 for u, v in zip(a[1:], b[1:]):
                     assert torch.equal(u, v), (name, wide, u, v)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the compiled path really ran
