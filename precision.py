@@ -77,21 +77,26 @@ class Backend(Protocol):
 CPU_GEMMS = ("auto", "native", "fp32")
 
 
-def choose_cpu_gemm(cpu_gemm="auto", device_type="cpu", native_bf16=None):
+def choose_cpu_gemm(cpu_gemm="auto", device_type="cpu", native_bf16=None, amx=None):
     """(path, why): 'native' (torch's bf16 kernels) or 'fp32' (fp32 GEMMs on the bf16/FP8
-    values, one rounding to bf16) for GEMMs with bf16 semantics. 'auto' asks oneDNN whether
-    this CPU has native bf16 GEMMs (`native_bf16` overrides the answer, for tests). Only
-    CPUs have a choice: a GPU always runs its own bf16 / FP8 GEMMs."""
+    values, one rounding to bf16) for GEMMs with bf16 semantics. 'auto' takes torch's kernels
+    where they are the faster path: oneDNN's native bf16 GEMMs on AMX tiles. Without AMX they
+    run on AVX512-BF16, 1.6-1.9x slower than fp32 GEMMs, or are emulated, ~40x slower
+    (docs/cpu.md). `native_bf16` and `amx` override what torch says of this CPU, for tests.
+    Only CPUs have a choice: a GPU always runs its own bf16 / FP8 GEMMs."""
     if cpu_gemm not in CPU_GEMMS:
         raise ValueError(f"cpu_gemm must be one of {', '.join(CPU_GEMMS)}, got {cpu_gemm!r}")
     if device_type != "cpu":
         return "native", f"GEMMs run on the {device_type} device (cpu_gemm applies to CPUs only)"
     if cpu_gemm != "auto":
         return cpu_gemm, f"cpu_gemm={cpu_gemm}"
-    if native_bf16 is None:
-        native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported() if native_bf16 is None else native_bf16
+    amx = torch.cpu._is_amx_tile_supported() if amx is None else amx
+    if native_bf16 and amx:
+        return "native", "this CPU has native bf16 GEMMs on AMX"
     if native_bf16:
-        return "native", "this CPU has native bf16 GEMMs"
+        return "fp32", ("this CPU's native bf16 GEMMs (AVX512-BF16, no AMX) are slower than its fp32 ones: "
+                        "bf16 GEMMs as fp32 GEMMs on bf16 values")
     return "fp32", "this CPU has no native bf16 GEMMs (oneDNN says so): bf16 GEMMs as fp32 GEMMs on bf16 values"
 
 

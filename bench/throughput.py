@@ -229,7 +229,8 @@ def main(argv):
     print(f"model: {describe(cfg, device)}")
     if device.type == "cpu":
         print(f"CPU: native bf16 GEMMs {torch.ops.mkldnn._is_mkldnn_bf16_supported()} "
-              f"(torch.ops.mkldnn._is_mkldnn_bf16_supported()), {torch.get_num_threads()} threads")
+              f"(torch.ops.mkldnn._is_mkldnn_bf16_supported()), AMX {torch.cpu._is_amx_tile_supported()}, "
+              f"{torch.get_num_threads()} threads")
     if device.type == "cpu" and any(MODES[m][0] == "fp8" for m in modes):
         print("note: FP8 is emulated on CPU (float8 casts around bf16 or fp32 GEMMs, same numerics as Transformer "
               "Engine): its time and memory are the emulation's cost, not FP8's speed-up, which needs an FP8 GPU")
@@ -246,6 +247,7 @@ def main(argv):
                                      "activation_checkpointing", "iters", "warmup")}
         report = {"device": str(device), "fp8_emulated": any(r["backend"] == "emulated" for r in results),
                   "native_bf16_gemms": torch.ops.mkldnn._is_mkldnn_bf16_supported() if device.type == "cpu" else None,
+                  "amx": torch.cpu._is_amx_tile_supported() if device.type == "cpu" else None,
                   "model": model, "results": results}
         os.makedirs(os.path.dirname(os.path.abspath(cfg["json"])), exist_ok=True)
         with open(cfg["json"] + ".tmp", "w") as f:

@@ -679,10 +679,13 @@ def test_fp8_shape_rules():
 # ---- cpu_gemm: bf16 GEMMs as fp32 GEMMs on CPUs without native bf16, the same numerics ----
 
 def test_the_gemm_path_is_chosen_once_from_the_cpu_and_can_be_forced():
-    assert choose_cpu_gemm("auto", "cpu", native_bf16=True)[0] == "native"
-    path, why = choose_cpu_gemm("auto", "cpu", native_bf16=False)
+    assert choose_cpu_gemm("auto", "cpu", native_bf16=True, amx=True) == ("native", "this CPU has native bf16 GEMMs on AMX")
+    path, why = choose_cpu_gemm("auto", "cpu", native_bf16=True, amx=False)  # AVX512-BF16 alone: slower than fp32
+    assert path == "fp32" and "(AVX512-BF16, no AMX) are slower" in why
+    path, why = choose_cpu_gemm("auto", "cpu", native_bf16=False, amx=False)
     assert path == "fp32" and "no native bf16" in why
-    assert choose_cpu_gemm("auto", "cpu")[0] == ("native" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32")
+    here = torch.ops.mkldnn._is_mkldnn_bf16_supported() and torch.cpu._is_amx_tile_supported()
+    assert choose_cpu_gemm("auto", "cpu")[0] == ("native" if here else "fp32")
     assert choose_cpu_gemm("native", "cpu", native_bf16=False) == ("native", "cpu_gemm=native")
     assert choose_cpu_gemm("fp32", "cpu", native_bf16=True) == ("fp32", "cpu_gemm=fp32")
     assert choose_cpu_gemm("fp32", "cuda")[0] == "native"  # a GPU runs its own kernels

@@ -27,17 +27,17 @@ def test_four_modes_and_the_fp32_reference_printed_and_written(tmp_path):
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert "FP8 is emulated on CPU" in r.stdout
-    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    assert f"CPU: native bf16 GEMMs {native}" in r.stdout
+    native, amx = torch.ops.mkldnn._is_mkldnn_bf16_supported(), torch.cpu._is_amx_tile_supported()
+    assert f"CPU: native bf16 GEMMs {native} (torch.ops.mkldnn._is_mkldnn_bf16_supported()), AMX {amx}," in r.stdout
     table = {line.split()[0]: line.split() for line in lines if line.split() and line.split()[0] in MODES}
     assert list(table) == ["fp32", "bf16", "bf16_tweo", "fp8", "fp8_tweo"]
-    path_here = "native" if native else "fp32"  # --cpu_gemm=auto
+    path_here = "native" if native and amx else "fp32"  # --cpu_gemm=auto
     assert [t[1] for t in table.values()] == ["-"] + [path_here] * 4
     assert [t[2] for t in table.values()] == ["fp32", "bf16", "bf16", "emulated", "emulated"]
     assert [t[3] for t in table.values()] == ["on"] * 5  # train.py's default: FP8 casts and TWEO compiled
     report = json.loads(path.read_text())
     assert report["device"] == "cpu" and report["fp8_emulated"] is True and report["model"]["n_layer"] == 1
-    assert report["native_bf16_gemms"] is native
+    assert report["native_bf16_gemms"] is native and report["amx"] is amx
     assert [x["mode"] for x in report["results"]] == list(table)
     for x in report["results"]:
         assert x["iter_per_hour"] == 3600 / x["s_per_iter"] and x["peak_gb"] > 0
