@@ -660,7 +660,10 @@ def test_torch_fp8_backend_two_rank_zero3_matches_the_emulation(runs, demo_data,
 # (AMD EPYC, AVX2): bf16 1.6e-4, 5.8e-2; fp8 1.6e-3, 0.19; fp8_tweo 6.4e-4, 0.20, 3.9e-2; over the
 # first 24 steps, within CURVE_TOLERANCE. On a Xeon with AMX, whose native bf16 kernels sum in
 # another order, bf16 over 60 steps 6.2e-4, 0.16; over 24, loss 5.4e-5 and grad_norm 6.1e-3 (past
-# the 1-vs-2-rank 2e-3 there; 1e-2 is FP8's). The tolerance over 60 steps is the 1-vs-2-rank difference.
+# the 1-vs-2-rank 2e-3 there; 1e-2 is FP8's). On a Xeon with AVX512-BF16 but no AMX (oneDNN's
+# avx512_core_bf16 kernels), fp8 over 24 steps: loss 5.4e-4, grad_norm 1.7e-2, the same before and after
+# the compiled cast's own rounding (2026-12-07); so the first 24 steps allow grad_norm 3e-2.
+# The tolerance over 60 steps is the 1-vs-2-rank difference.
 # With compiled FP8 casts and TWEO term, on the Xeon limited to AVX2 (fp32 path), fp8_tweo 1 vs 2 ranks:
 # loss 2.8e-3, grad_norm 2.1 (late grad norms are that noisy), tweo_loss 0.13; native vs fp32 grad_norm 0.74.
 GEMM_PATH_TOLERANCE = {"bf16": (2e-3, 0.3, None), "fp8": (2e-2, 0.6, None), "fp8_tweo": (2e-2, 2.5, 0.3)}
@@ -693,9 +696,9 @@ def test_both_cpu_gemm_paths_give_the_same_run(demo_compact_data, tmp_path, mode
         f"worst over {span} steps " + ", ".join(f"{k} {v:.1e}" for k, v in w.items()) for span, w in worst.items()))
     assert native[1]["loss"] == pytest.approx(fp32[1]["loss"], rel=1e-5)  # step 1: the same weights and windows
     # the first 24 steps: within the tolerance of 1 vs 2 ranks over the same span (a one-rounding change
-    # too), grad_norm within FP8's (see above: AMX kernels)
+    # too), grad_norm within 3e-2 (see above: AMX and AVX512-BF16 kernels)
     loss_tol, grad_norm_tol, tweo_tol = CURVE_TOLERANCE[mode]
-    assert worst[24]["loss"] < loss_tol and worst[24]["grad_norm"] < max(grad_norm_tol, 1e-2)
+    assert worst[24]["loss"] < loss_tol and worst[24]["grad_norm"] < max(grad_norm_tol, 3e-2)
     assert tweo_tol is None or worst[24]["tweo_loss"] < tweo_tol
     # all 60: within what 1 vs 2 ranks differ by on this same setup (GEMM_PATH_TOLERANCE)
     loss_tol, grad_norm_tol, tweo_tol = GEMM_PATH_TOLERANCE[mode]
