@@ -72,8 +72,8 @@ def test_what_cannot_be_paired_is_one_line_and_exit_2(tmp_path, capsys, case, ex
 
 def test_flushed_fraction_skips_replaced_lines_and_what_follows_a_collapse():
     grads = ("grad_output",)
-    assert math.isnan(module.largest_flushed({"collapse_iter": None}, [{"iter": 1, "loss": 2.0}], grads))  # not 0
+    assert math.isnan(module.largest_flushed({"collapse_iter": None, "rows": [{"iter": 1, "loss": 2.0}]}, grads))  # not 0
     before_resume, after_resume, late = quant(0.9, 0.0), quant(0.2, 0.0), dict(quant(0.7, 0.0), iter=30)
     rows = [before_resume, after_resume, late]  # a resumed run logs iteration 10 again: the later line stands
-    assert module.largest_flushed({"collapse_iter": None}, rows, grads) == 0.7
-    assert module.largest_flushed({"collapse_iter": 30}, rows, grads) == 0.2  # a diverged run's casts are not FP8's
+    assert module.largest_flushed({"collapse_iter": None, "rows": rows}, grads) == 0.7
+    assert module.largest_flushed({"collapse_iter": 30, "rows": rows}, grads) == 0.2  # a diverged run's casts are not FP8's

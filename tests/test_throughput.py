@@ -10,7 +10,7 @@ import torch
 from conftest import REPO, refused
 
 from bench.throughput import MODES, cpu_peak_bytes, main as throughput, make_step, peak_bytes, seconds_per_step
-from precision import LayerNormLinear
+from precision import LayerNormLinear, choose_cpu_gemm
 
 SMALL = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--vocab_size=512", "--micro_batch_size=2",
          "--iters=2", "--warmup=1", "--device=cpu"]
@@ -31,7 +31,7 @@ def test_four_modes_and_the_fp32_reference_printed_and_written(tmp_path):
     assert f"CPU: native bf16 GEMMs {native} (torch.ops.mkldnn._is_mkldnn_bf16_supported()), AMX {amx}," in r.stdout
     table = {line.split()[0]: line.split() for line in lines if line.split() and line.split()[0] in MODES}
     assert list(table) == ["fp32", "bf16", "bf16_tweo", "fp8", "fp8_tweo"]
-    path_here = "native" if native and amx else "fp32"  # --cpu_gemm=auto
+    path_here = choose_cpu_gemm()[0]  # --cpu_gemm=auto
     assert [t[1] for t in table.values()] == ["-"] + [path_here] * 4
     assert [t[2] for t in table.values()] == ["fp32", "bf16", "bf16", "emulated", "emulated"]
     assert [t[3] for t in table.values()] == ["on"] * 5  # train.py's default: FP8 casts and TWEO compiled

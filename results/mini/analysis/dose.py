@@ -34,10 +34,10 @@ USAGE = "python results/mini/analysis/dose.py RUN_DIR [RUN_DIR ...] [--png=FILE]
 ROLES = {"gradients": ("grad_output",), "forward inputs": ("input",)}
 
 
-def largest_flushed(s, rows, roles):
+def largest_flushed(s, roles):
     """The largest fraction of a tensor's nonzero elements flushed to zero, over every GEMM and
-    measured step before any collapse, among the casts of `roles`."""
-    _, records = quant_error_records(s, rows)
+    measured step of run `s` before any collapse, among the casts of `roles`."""
+    _, records = quant_error_records(s, s["rows"])
     return max((q[role]["flushed"] for record in records for q in record.values()
                 for role in roles if role in q), default=math.nan)
 
@@ -81,7 +81,7 @@ def measure(paired):
         rows.append(dict(d=d, seed=seed, params=p["bf16"]["params"], layers=p["bf16"]["model_args"]["n_layer"],
                          steps=p["bf16"]["max_iters"], peak=p["bf16"]["peak"], ppl_bf16=p["bf16"]["ppl"],
                          ppl_fp8=p["fp8"]["ppl"], gap=end, worst=worst, worst_iter=worst_iter,
-                         **{role: largest_flushed(p["fp8"], p["fp8"]["rows"], names) for role, names in ROLES.items()}))
+                         **{role: largest_flushed(p["fp8"], names) for role, names in ROLES.items()}))
     return rows
 
 

@@ -8,9 +8,10 @@ for mode in ${@:-bf16 fp8}; do
   out=out/mini21_long/mini_${mode}_x4
   resume=$(.venv/bin/python -c "from bench.runs import train_flags; import sys, shlex; f = train_flags(sys.argv[1], 2400); print('over' if f is None else shlex.join(f))" "$out")
   if [ "$resume" = over ]; then echo "== mini_${mode}_x4: over, skipping"; continue; fi
-  echo "== mini_${mode}_x4: train.py configs/mini_${mode}.py --out_dir=$out --data_dir=data/stdlib --max_iters=2400 --lr_decay_iters=2400 --eval_windows=480 --wandb_run_name=mini_${mode}_x4 $resume"
+  cmd="train.py configs/mini_${mode}.py --out_dir=$out --data_dir=data/stdlib --max_iters=2400 --lr_decay_iters=2400
+    --eval_windows=480 --wandb_run_name=mini_${mode}_x4 $resume"
+  echo "== mini_${mode}_x4: "$cmd
   start=$(date +%s)
-  OMP_NUM_THREADS=1 .venv/bin/python train.py configs/mini_${mode}.py --out_dir=$out --data_dir=data/stdlib --max_iters=2400 \
-    --lr_decay_iters=2400 --eval_windows=480 --wandb_run_name=mini_${mode}_x4 $resume
+  OMP_NUM_THREADS=1 .venv/bin/python $cmd
   echo "== mini_${mode}_x4: exit $? after $(( ($(date +%s) - start) / 60 )) min"
 done
