@@ -12,7 +12,7 @@ from its last checkpoint. Results and their commands: results/mini.md.
                          [--figures=True] [--runs_dir=out] [--data_dir=data/stdlib] [--max_iters=600] [--eval_windows=480]
 
 --only picks the groups to train (default: the first three, the paper's tables; `probes` adds
-a 1-step amax history, `dose` the mini at d_model 256 and 384 in BF16 and FP8); the tables
+a 1-step amax history, `dose` the mini at d_model 256 and 384 in the four modes); the tables
 hold every run already in runs_dir. --seeds trains each run
 with each seed: seed 1337 in out/<run>, another in out/<run>_seed<N>; the tables give a cell of
 several seeds as mean ± sd, and Table 2 the paired per-seed gaps to BF16.
@@ -55,10 +55,10 @@ RUNS = {
     # not part of the paper's tables, and not run unless asked for (--only=probes): does a 1-step amax
     # history (a sensitivity probe only) fail?
     "mini_fp8_amax_history1": ("probes", "mini_fp8", ["--fp8_amax_history_len=1"]),
-    # --only=dose: toward the paper's sizes, where naive FP8 fails, wider models in both precisions
-    # (heads of 64, as the mini's); the FP8 - BF16 gap against the peak
+    # --only=dose: toward the paper's sizes, where naive FP8 fails, wider models (heads of 64, as the
+    # mini's) in the four modes; the FP8 - BF16 gap against the peak, and TWEO where the outliers are larger
     **{f"mini_{mode}_d{d}": ("dose", f"mini_{mode}", [f"--n_embd={d}", f"--n_head={d // 64}"])
-       for d in (256, 384) for mode in ("bf16", "fp8")},
+       for d in (256, 384) for mode in ("bf16", "fp8", "bf16_tweo", "fp8_tweo")},
 }
 GROUPS = ("modes", "invasive", "ablations", "probes", "dose")
 DEFAULTS = {"only": "modes,invasive,ablations", "parallel": 1, "train": True, "figures": True, "runs_dir": "out",
