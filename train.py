@@ -86,7 +86,8 @@ wandb_project = "tweo"
 wandb_run_name = "gpt2"
 wandb_mode = "online"  # 'online' or 'offline'
 # collapse
-collapse_factor = 3.0  # a loss above collapse_factor x the best loss so far is a collapse
+collapse_factor = 3.0  # a loss above collapse_factor x the best loss so far is a spike: its update is skipped
+collapse_patience = 3  # spikes in a row that are a collapse (one hard batch can spike; a non-finite loss collapses at once)
 stop_on_collapse = True  # stop cleanly; False skips that update and continues
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
@@ -182,6 +183,7 @@ CHECKS = [
     ("wandb_project", lambda v: v != "", "a name"),
     ("wandb_mode", *one_of("online", "offline")),
     ("collapse_factor", lambda v: v > 1, "> 1"),
+    ("collapse_patience", lambda v: v >= 1, ">= 1"),
     ("clipped_softmax_gamma", lambda v: v <= 0, "<= 0 (0: off; -alpha / block_size, Bondarenko et al.)"),
     ("clipped_softmax_zeta", lambda v: v >= 1, ">= 1"),
 ]
@@ -446,7 +448,7 @@ engine.train()
 n_windows = micro_batch_size * grad_accum * world_size
 interval_act_max = torch.zeros(n_layer, device=device)
 t_last, iters_since, start_iter, t_start = time.time(), 0, iter_num, time.time()
-collapsed = False
+spikes_in_row = 0
 while iter_num < max_iters:
     lr = get_lr(iter_num)
     lam = get_tweo_lambda(iter_num)
@@ -471,16 +473,24 @@ while iter_num < max_iters:
             sums[2] = bool(stop_requests or log.write_failed)  # a full disk stops like a signal
             loss_sum, tweo_sum, stop_votes = all_reduce(sums.clone()).tolist()
             train_loss, tweo_value = loss_sum / (grad_accum * world_size), tweo_sum / (grad_accum * world_size)
-            collapsed = not math.isfinite(train_loss) or train_loss > collapse_factor * best_train_loss
-            if collapsed:
+            spiked = not math.isfinite(train_loss) or train_loss > collapse_factor * best_train_loss
+            if spiked:
                 loss = loss * float("nan")
         engine.backward(loss)
         engine.step()
     iter_num += 1
     iters_since += 1
 
+    spikes_in_row = spikes_in_row + 1 if spiked else 0
+    collapsed = not math.isfinite(train_loss) or spikes_in_row >= collapse_patience
+    reason = "non-finite loss" if not math.isfinite(train_loss) else f"loss > {collapse_factor} x best {best_train_loss:.4f}"
+    if spiked and not collapsed:
+        if master:
+            print(f"loss spike at iter {iter_num}: loss {train_loss:.4f} ({reason}); the update was skipped "
+                  f"({spikes_in_row} of {collapse_patience} in a row make a collapse)")
+        log({"iter": iter_num, "event": "loss_spike", "loss": train_loss, "reason": reason,
+             "skipped_steps": engine.skipped_steps})
     if collapsed:
-        reason = "non-finite loss" if not math.isfinite(train_loss) else f"loss > {collapse_factor} x best {best_train_loss:.4f}"
         if master:
             print(f"collapse at iter {iter_num}: loss {train_loss:.4f} ({reason}); the update was skipped"
                   + ("; stopping (stop_on_collapse)" if stop_on_collapse else "; continuing"))
@@ -489,10 +499,10 @@ while iter_num < max_iters:
         log.summary(collapsed=True, collapse_iter=iter_num)
         if stop_on_collapse:
             break
-    else:  # a collapsed iteration has no training log line; its evaluation, checkpoint and stop still come
+    elif not spiked:  # a skipped iteration has no training log line; its evaluation, checkpoint and stop still come
         best_train_loss = min(best_train_loss, train_loss)
 
-    if not collapsed and (iter_num % log_interval == 0 or iter_num == max_iters):
+    if not spiked and (iter_num % log_interval == 0 or iter_num == max_iters):
         layer_max = all_reduce(interval_act_max.clone(), dist.ReduceOp.MAX).tolist()
         interval_act_max.zero_()
         act_peak = max(act_peak, max(layer_max))

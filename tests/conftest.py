@@ -36,11 +36,21 @@ def train(nproc, *args, check=True, env=None):
     return r
 
 
+def _injecting(**variables):
+    path = os.pathsep.join(p for p in (os.path.join(REPO, "tests", "fixtures", "inject_nan"), os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, PYTHONPATH=path, **variables)
+
+
 def nan_at(iteration, micro_steps=2):
     """The environment of a train.py run whose task loss is NaN in the first micro-step of
     `iteration` (configs/tiny.py on 1 rank: 2 micro-steps an iteration): tests/fixtures/inject_nan/sitecustomize.py."""
-    path = os.pathsep.join(p for p in (os.path.join(REPO, "tests", "fixtures", "inject_nan"), os.environ.get("PYTHONPATH")) if p)
-    return dict(os.environ, PYTHONPATH=path, INJECT_NAN_FORWARD=str(iteration * micro_steps + 1))
+    return _injecting(INJECT_NAN_FORWARD=str(iteration * micro_steps + 1))
+
+
+def spike_at(iteration, iterations, micro_steps=2):
+    """The environment of a train.py run whose task loss is 100 times larger in every micro-step of
+    `iterations` iterations from `iteration` (counted from 0, as nan_at's)."""
+    return _injecting(INJECT_SPIKE_FORWARDS=f"{iteration * micro_steps + 1}-{(iteration + iterations) * micro_steps}")
 
 
 def refused(capsys, main, *args):

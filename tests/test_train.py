@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import prepare_openwebtext as P
-from conftest import EAGER, MODES, REPO, RUN, losses, metrics, nan_at, strict_json, train, train_cmd
+from conftest import EAGER, MODES, REPO, RUN, losses, metrics, nan_at, spike_at, strict_json, train, train_cmd
 from model import load_trained
 
 TRAIN_KEYS = {"iter", "loss", "tweo_loss", "lr", "tweo_lambda", "grad_norm", "act_peak", "act_max_per_layer",
@@ -303,6 +303,27 @@ def test_collapse_skips_the_update_and_continues(demo_data, tmp_path):
     assert all(math.isfinite(row["loss"]) for row in train_rows)
 
 
+def test_one_hard_batch_is_a_skipped_spike_and_a_lasting_one_a_collapse(demo_data, tmp_path):
+    """A loss above collapse_factor x the best so far skips its update; only collapse_patience (3) such
+    iterations in a row are a collapse: one hard batch of a few sequences can pass 3 x the easiest
+    batch's loss in a healthy run (results/mini.md §6)."""
+    short = ["--max_iters=14", "--lr_decay_iters=14"]
+    once, lasting = tmp_path / "once", tmp_path / "lasting"
+    r = train(1, f"--data_dir={demo_data}", f"--out_dir={once}", *MODES["bf16"], *RUN, *short, env=spike_at(10, 1))
+    rows = metrics(once)
+    (spike,) = [row for row in rows if row.get("event") == "loss_spike"]
+    assert spike["iter"] == 11 and spike["skipped_steps"] == 1 and "loss spike at iter 11" in r.stdout
+    assert not any(row.get("event") == "collapse" for row in rows) and "collapse at" not in r.stdout
+    trained = [row["iter"] for row in rows if "loss" in row and "event" not in row]
+    assert trained == [i for i in range(1, 15) if i != 11]  # the spike's iteration has no training line
+    r = train(1, f"--data_dir={demo_data}", f"--out_dir={lasting}", *MODES["bf16"], *RUN, *short, env=spike_at(10, 4))
+    rows = metrics(lasting)
+    assert [row["iter"] for row in rows if row.get("event") == "loss_spike"] == [11, 12]
+    (collapse,) = [row for row in rows if row.get("event") == "collapse"]
+    assert collapse["iter"] == 13 == max(row["iter"] for row in rows) and collapse["skipped_steps"] == 3  # stop_on_collapse
+    assert "collapse at iter 13" in r.stdout
+
+
 def bad_input_cases(demo_data, tmp_path):
     odd = tmp_path / "odd"
     odd.mkdir()
@@ -370,6 +391,7 @@ RULE_CASES = [
     ("--wandb_project=", "wandb_project='' must be a name"),
     ("--wandb_mode=disabled", "wandb_mode='disabled' must be one of 'online', 'offline'"),
     ("--collapse_factor=1.0", "collapse_factor=1.0 must be > 1"),
+    ("--collapse_patience=0", "collapse_patience=0 must be >= 1"),
     ("--clipped_softmax_gamma=0.02", "clipped_softmax_gamma=0.02 must be <= 0"),
     ("--clipped_softmax_zeta=0.5", "clipped_softmax_zeta=0.5 must be >= 1"),
 ]
@@ -842,10 +864,10 @@ def test_zero_stages_1_and_2(one_rank, demo_data, tmp_path, zero_stage, mode):
 
 def test_current_scaling_cosine_tweo_and_a_finite_spike_collapse(demo_data, tmp_path):
     """fp8_recipe='current', tweo_schedule='cosine' and a collapse on a finite loss spike
-    (collapse_factor=1.01: the first loss 1% above the best so far) in one real run."""
+    (collapse_factor=1.01, collapse_patience=1: the first loss 1% above the best so far) in one real run."""
     out_dir = tmp_path / "edge"
     r = train(1, f"--data_dir={demo_data}", f"--out_dir={out_dir}", *MODES["fp8_tweo"], *RUN, "--fp8_recipe=current",
-              "--tweo_schedule=cosine", "--collapse_factor=1.01")
+              "--tweo_schedule=cosine", "--collapse_factor=1.01", "--collapse_patience=1")
     rows = metrics(out_dir)
     trained = [row for row in rows if "loss" in row and "event" not in row]
     for row in trained:  # lambda of the iteration's step, iter - 1: cosine from 0.01 to 0 at lr_decay_iters=24
