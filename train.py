@@ -481,25 +481,26 @@ while iter_num < max_iters:
     iter_num += 1
     iters_since += 1
 
-    spikes_in_row = spikes_in_row + 1 if spiked else 0
-    collapsed = not math.isfinite(train_loss) or spikes_in_row >= collapse_patience
-    reason = "non-finite loss" if not math.isfinite(train_loss) else f"loss > {collapse_factor} x best {best_train_loss:.4f}"
-    if spiked and not collapsed:
-        if master:
-            print(f"loss spike at iter {iter_num}: loss {train_loss:.4f} ({reason}); the update was skipped "
-                  f"({spikes_in_row} of {collapse_patience} in a row make a collapse)")
-        log({"iter": iter_num, "event": "loss_spike", "loss": train_loss, "reason": reason,
-             "skipped_steps": engine.skipped_steps})
-    if collapsed:
-        if master:
-            print(f"collapse at iter {iter_num}: loss {train_loss:.4f} ({reason}); the update was skipped"
-                  + ("; stopping (stop_on_collapse)" if stop_on_collapse else "; continuing"))
-        log({"iter": iter_num, "event": "collapse", "loss": train_loss,
-                     "reason": reason, "skipped_steps": engine.skipped_steps})
-        log.summary(collapsed=True, collapse_iter=iter_num)
-        if stop_on_collapse:
-            break
-    elif not spiked:  # a skipped iteration has no training log line; its evaluation, checkpoint and stop still come
+    if spiked:
+        spikes_in_row += 1
+        reason = "non-finite loss" if not math.isfinite(train_loss) else f"loss > {collapse_factor} x best {best_train_loss:.4f}"
+        if math.isfinite(train_loss) and spikes_in_row < collapse_patience:
+            if master:
+                print(f"loss spike at iter {iter_num}: loss {train_loss:.4f} ({reason}); the update was skipped "
+                      f"({spikes_in_row} of {collapse_patience} in a row make a collapse)")
+            log({"iter": iter_num, "event": "loss_spike", "loss": train_loss, "reason": reason,
+                 "skipped_steps": engine.skipped_steps})
+        else:
+            if master:
+                print(f"collapse at iter {iter_num}: loss {train_loss:.4f} ({reason}); the update was skipped"
+                      + ("; stopping (stop_on_collapse)" if stop_on_collapse else "; continuing"))
+            log({"iter": iter_num, "event": "collapse", "loss": train_loss, "reason": reason,
+                 "skipped_steps": engine.skipped_steps})
+            log.summary(collapsed=True, collapse_iter=iter_num)
+            if stop_on_collapse:
+                break
+    else:  # a skipped iteration has no training log line; its evaluation, checkpoint and stop still come
+        spikes_in_row = 0
         best_train_loss = min(best_train_loss, train_loss)
 
     if not spiked and (iter_num % log_interval == 0 or iter_num == max_iters):
