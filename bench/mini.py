@@ -8,12 +8,12 @@ four modes into out/mini_figures. A finished run is skipped on rerun, an interru
 from its last checkpoint. Results and their commands: results/mini.md.
 
     python prepare_openwebtext.py --stdlib --compact_vocab
-    python bench/mini.py [--only=modes,invasive,ablations,probes,dose] [--seeds=1337,2,3] [--parallel=2] [--train=False]
+    python bench/mini.py [--only=modes,invasive,ablations,probes,dose,lr] [--seeds=1337,2,3] [--parallel=2] [--train=False]
                          [--figures=True] [--runs_dir=out] [--data_dir=data/stdlib] [--max_iters=600] [--eval_windows=480]
 
 --only picks the groups to train (default: the first three, the paper's tables; `probes` adds
-a 1-step amax history, `dose` the mini at d_model 256 and 384 in the four modes); the tables
-hold every run already in runs_dir. --seeds trains each run
+a 1-step amax history, `dose` the mini at d_model 256 and 384 in the four modes, `lr` d_model 256
+at lr 1.5e-3 and 2e-3 in the four modes); the tables hold every run already in runs_dir. --seeds trains each run
 with each seed: seed 1337 in out/<run>, another in out/<run>_seed<N>; the tables give a cell of
 several seeds as mean ± sd, and Table 2 the paired per-seed gaps to BF16.
 --parallel=N trains N runs at once, each with its share of the cores and its output in
@@ -59,8 +59,13 @@ RUNS = {
     # mini's) in the four modes; the FP8 - BF16 gap against the peak, and TWEO where the outliers are larger
     **{f"mini_{mode}_d{d}": ("dose", f"mini_{mode}", [f"--n_embd={d}", f"--n_head={d // 64}"])
        for d in (256, 384) for mode in ("bf16", "fp8", "bf16_tweo", "fp8_tweo")},
+    # --only=lr: d256 at lower peak lrs (min lr a tenth), the same in every mode, since at the mini's 3e-3
+    # its seeds spread 8-11% and BF16+TWEO can diverge in warmup (results/mini.md §6)
+    **{f"mini_{mode}_d256_lr{lr}": ("lr", f"mini_{mode}", ["--n_embd=256", "--n_head=4", f"--learning_rate={lr}",
+                                                          f"--min_lr={min_lr}"])
+       for lr, min_lr in (("1.5e-3", "1.5e-4"), ("2e-3", "2e-4")) for mode in ("bf16", "fp8", "bf16_tweo", "fp8_tweo")},
 }
-GROUPS = ("modes", "invasive", "ablations", "probes", "dose")
+GROUPS = ("modes", "invasive", "ablations", "probes", "dose", "lr")
 DEFAULTS = {"only": "modes,invasive,ablations", "parallel": 1, "train": True, "figures": True, "runs_dir": "out",
             "data_dir": os.path.join("data", "stdlib"), "max_iters": 600,  # 600: configs/sizes/mini.py
             "seeds": "1337", "eval_windows": 480}  # 480: configs/sizes/mini.py

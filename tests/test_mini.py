@@ -50,6 +50,9 @@ def test_each_seed_is_a_run_of_its_own_and_the_tables_give_mean_sd_and_paired_ga
     assert "--clipped_softmax_gamma=-0.025" in command("mini_fp8_clipped_softmax_seed3", opts)
     wide_tweo = command("mini_bf16_tweo_d256_seed2", opts)
     assert "configs/mini_bf16_tweo.py" in wide_tweo and {"--n_embd=256", "--n_head=4", "--seed=2"} <= set(wide_tweo)
+    lower_lr = command("mini_fp8_tweo_d256_lr2e-3_seed3", opts)
+    assert "configs/mini_fp8_tweo.py" in lower_lr and f"--out_dir={tmp_path}/runs/mini_fp8_tweo_d256_lr2e-3_seed3" in lower_lr
+    assert {"--n_embd=256", "--n_head=4", "--learning_rate=2e-3", "--min_lr=2e-4", "--seed=3"} <= set(lower_lr)
     assert split_seed("mini_bf16_tweo_tau1_seed3") == ("mini_bf16_tweo_tau1", 3) and split_seed("other_seed2") == ("other_seed2", 1337)
     for name, seed, precision, ppl in (("mini_bf16", 1337, "bf16", 30.0), ("mini_bf16_seed2", 2, "bf16", 32.0),
                                        ("mini_fp8", 1337, "fp8", 33.0), ("mini_fp8_seed2", 2, "fp8", 32.0)):
