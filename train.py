@@ -483,19 +483,15 @@ while iter_num < max_iters:
 
     if spiked:
         spikes_in_row += 1
+        collapsed = not math.isfinite(train_loss) or spikes_in_row >= collapse_patience
+        event = "collapse" if collapsed else "loss_spike"
         reason = "non-finite loss" if not math.isfinite(train_loss) else f"loss > {collapse_factor} x best {best_train_loss:.4f}"
-        if math.isfinite(train_loss) and spikes_in_row < collapse_patience:
-            if master:
-                print(f"loss spike at iter {iter_num}: loss {train_loss:.4f} ({reason}); the update was skipped "
-                      f"({spikes_in_row} of {collapse_patience} in a row make a collapse)")
-            log({"iter": iter_num, "event": "loss_spike", "loss": train_loss, "reason": reason,
-                 "skipped_steps": engine.skipped_steps})
-        else:
-            if master:
-                print(f"collapse at iter {iter_num}: loss {train_loss:.4f} ({reason}); the update was skipped"
-                      + ("; stopping (stop_on_collapse)" if stop_on_collapse else "; continuing"))
-            log({"iter": iter_num, "event": "collapse", "loss": train_loss, "reason": reason,
-                 "skipped_steps": engine.skipped_steps})
+        if master:
+            print(f"{event.replace('_', ' ')} at iter {iter_num}: loss {train_loss:.4f} ({reason}); the update was skipped"
+                  + (f" ({spikes_in_row} of {collapse_patience} in a row make a collapse)" if not collapsed
+                     else "; stopping (stop_on_collapse)" if stop_on_collapse else "; continuing"))
+        log({"iter": iter_num, "event": event, "loss": train_loss, "reason": reason, "skipped_steps": engine.skipped_steps})
+        if collapsed:
             log.summary(collapsed=True, collapse_iter=iter_num)
             if stop_on_collapse:
                 break
