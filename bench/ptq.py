@@ -247,6 +247,7 @@ def print_tables(rows, bits, residual, alpha):
     cols = list(settings(bits))
     groups = seed_groups(rows)
     width = 17 if any(len(tables) > 1 for _, tables in groups) else 11
+    label = max([40] + [len(name) for name, _ in groups])  # a run's whole path: the seeds' suffixes tell runs apart
 
     def cell(tables, key, spec=".2f", suffix=""):
         values = [t[key] for t in tables]
@@ -254,31 +255,31 @@ def print_tables(rows, bits, residual, alpha):
             fmt_mean_sd(values, ".3g")
         return f"{text:>{width}}"
     print(f"\nTable 3: val PPL under {bits}-bit AbsMax PTQ (residual stream {'quantized' if residual else 'in BF16'})")
-    print(f"{'model':<40} {'BF16 PPL':>{width}} | {'Act. only ' + a:^{2 * width + 1}} | {'Weight only ' + w:^{2 * width + 1}} | "
+    print(f"{'model':<{label}} {'BF16 PPL':>{width}} | {'Act. only ' + a:^{2 * width + 1}} | {'Weight only ' + w:^{2 * width + 1}} | "
           f"{'Full ' + w + a:^{4 * width + 3}}")
-    print(f"{'':<40} {'':>{width}} | {'per-tensor':>{width}} {'per-token':>{width}} | {'per-tensor':>{width}} "
+    print(f"{'':<{label}} {'':>{width}} | {'per-tensor':>{width}} {'per-token':>{width}} | {'per-tensor':>{width}} "
           f"{'per-channel':>{width}} | " + " ".join(f"{c:>{width}}" for c in cols[5:]))
     for name, tables in groups:
-        print(f"{name[-40:]:<40} {cell(tables, 'BF16')} | {cell(tables, cols[1])} {cell(tables, cols[2])} | "
+        print(f"{name:<{label}} {cell(tables, 'BF16')} | {cell(tables, cols[1])} {cell(tables, cols[2])} | "
               f"{cell(tables, cols[3])} {cell(tables, cols[4])} | " + " ".join(cell(tables, c) for c in cols[5:]))
     extra = []
     if alpha > 0:
         ct, ck = f"{w}(C){a}(T)", f"{w}(C){a}(K)"
         print(f"\nTable 4: {ct} / {ck}, SmoothQuant (alpha {alpha}) and AbsMax, residual stream quantized or not")
-        print(f"{'model':<40} {'BF16 PPL':>{width}}  {'method':<12} {'Res.?':<5} {ct:>{width}} {ck:>{width}}")
+        print(f"{'model':<{label}} {'BF16 PPL':>{width}}  {'method':<12} {'Res.?':<5} {ct:>{width}} {ck:>{width}}")
         for name, tables in groups:
             for method in ("AbsMax", "SmoothQuant"):
                 for res in (False, True):
                     key = f" {method}{'+Res' if res else ''}"
                     extra += [ct + key, ck + key]
-                    print(f"{name[-40:]:<40} {cell(tables, 'BF16')}  {method:<12} {'Yes' if res else 'No':<5} "
+                    print(f"{name:<{label}} {cell(tables, 'BF16')}  {method:<12} {'Yes' if res else 'No':<5} "
                           f"{cell(tables, ct + key)} {cell(tables, ck + key)}")
     print(f"\nThe change each setting makes to the model's own BF16 PPL (PPL / PPL_BF16 - 1, paired by seed; "
           f"residual stream {'quantized' if residual else 'in BF16'} unless +Res)")
     keys = cols[1:] + list(dict.fromkeys(extra))
     for name, tables in groups:
         changes = [{k: 100 * (t[k] / t["BF16"] - 1) for k in keys} for t in tables]
-        print(f"{name[-40:]:<40} " + ", ".join(f"{k.strip()} {fmt_mean_sd([c[k] for c in changes], '+.1f')}%"
+        print(f"{name:<{label}} " + ", ".join(f"{k.strip()} {fmt_mean_sd([c[k] for c in changes], '+.1f')}%"
                                                 for k in keys))
 
 

@@ -14,7 +14,7 @@ import torch
 import data as D
 from bench.eval import evaluate, load
 import bench.ptq as ptq
-from bench.ptq import calibrate, fake_quant, ptq_table, quantized, settings, smoothed
+from bench.ptq import calibrate, fake_quant, print_tables, ptq_table, quantized, settings, smoothed
 from conftest import REPO
 from precision import LayerNormLinear
 
@@ -218,6 +218,15 @@ def test_the_command_line_prints_table_3_and_one_json_line_per_model(runs, hf_gp
         assert e.returncode == 0, e.stderr
         assert row["BF16"] == pytest.approx(json.loads(e.stdout.strip().splitlines()[-1])["val_ppl"], rel=1e-12)
         assert row["W8(C)A8(K)"] != row["BF16"]
+
+
+def test_the_tables_head_each_row_with_the_whole_model_name(capsys):
+    name = "out/a_long_runs_dir/mini_bf16_tweo_d256_lr2e-3_seed2"  # past 40 characters: only its end tells seeds apart
+    table = {k: 20.0 + i for i, k in enumerate(settings(4))}
+    print_tables([(name, table, None)], 4, False, 0.0)
+    rows = [line for line in capsys.readouterr().out.splitlines() if "mini_bf16_tweo" in line]
+    assert len(rows) == 2 and all(line.startswith(name + " ") for line in rows)  # Table 3's row and the changes'
+    assert rows[0].split()[1:3] == ["20.00", "|"]
 
 
 @pytest.mark.parametrize("args, message", [
